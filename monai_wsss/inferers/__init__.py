@@ -1,0 +1,5 @@
+from monai_wsss.inferers.condition_difference import ConditionDifferenceInferer
+from monai_wsss.inferers.diffusion_map import DiffusionMapInferer
+from monai_wsss.inferers.guided_anomaly import GuidedDiffusionAnomalyInferer
+
+__all__ = ["ConditionDifferenceInferer", "DiffusionMapInferer", "GuidedDiffusionAnomalyInferer"]

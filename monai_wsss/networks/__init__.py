@@ -1,0 +1,3 @@
+from monai_wsss.networks.nets import ConditionalDiffusionUNet, NoisyClassifier
+
+__all__ = ["ConditionalDiffusionUNet", "NoisyClassifier"]

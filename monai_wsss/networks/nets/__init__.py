@@ -1,0 +1,15 @@
+from monai_wsss.networks.nets.conditional_diffusion_unet import (
+    ClassEmbedding,
+    ConditionalDiffusionUNet,
+    ScaleShiftResnetBlock,
+    check_conditioning_survives_norm,
+)
+from monai_wsss.networks.nets.noisy_classifier import NoisyClassifier
+
+__all__ = [
+    "ClassEmbedding",
+    "ConditionalDiffusionUNet",
+    "NoisyClassifier",
+    "ScaleShiftResnetBlock",
+    "check_conditioning_survives_norm",
+]

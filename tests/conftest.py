@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny networks whose zero-initialised output layers are perturbed so they give a real signal."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from monai.networks.schedulers import DDIMScheduler
+
+from monai_wsss.networks.nets import ConditionalDiffusionUNet, NoisyClassifier
+
+TINY_UNET = dict(
+    spatial_dims=2,
+    in_channels=1,
+    out_channels=1,
+    num_classes=2,
+    channels=(8, 16),
+    attention_levels=(False, True),
+    num_res_blocks=1,
+    num_head_channels=8,
+    norm_num_groups=4,
+)
+
+
+def perturb(module: torch.nn.Module, scale: float = 0.05, seed: int = 0) -> torch.nn.Module:
+    """Add small Gaussian noise to every parameter (an untrained MONAI U-Net outputs exactly 0)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=gen))
+    return module.eval()
+
+
+def tiny_unet(seed: int = 0, **overrides) -> ConditionalDiffusionUNet:
+    torch.manual_seed(seed)
+    return perturb(ConditionalDiffusionUNet(**{**TINY_UNET, **overrides}), seed=seed)
+
+
+def tiny_classifier(seed: int = 1, input_shape=(16, 16)) -> NoisyClassifier:
+    torch.manual_seed(seed)
+    clf = NoisyClassifier(
+        spatial_dims=2,
+        in_channels=1,
+        num_classes=2,
+        input_shape=input_shape,
+        channels=(8, 16),
+        attention_levels=(False, False),
+        norm_num_groups=4,
+    )
+    return perturb(clf, seed=seed)
+
+
+@pytest.fixture
+def scheduler() -> DDIMScheduler:
+    return DDIMScheduler(num_train_timesteps=1000, schedule="linear_beta", clip_sample=False)
+
+
+@pytest.fixture
+def images() -> torch.Tensor:
+    return torch.rand(3, 1, 16, 16, generator=torch.Generator().manual_seed(3)) * 2 - 1

@@ -1,0 +1,138 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from monai.networks.nets import DiffusionModelUNet
+
+from conftest import TINY_UNET, perturb, tiny_classifier, tiny_unet
+from monai_wsss.networks.nets import ConditionalDiffusionUNet, NoisyClassifier
+
+X = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+T = torch.tensor([10, 500])
+
+
+def monai_kwargs() -> dict:
+    kw = {k: v for k, v in TINY_UNET.items() if k != "num_classes"}
+    return {**kw, "num_class_embeds": 2}
+
+
+def test_loads_monai_state_dict_and_matches_it():
+    torch.manual_seed(0)
+    ref = perturb(DiffusionModelUNet(**monai_kwargs()))
+    net = ConditionalDiffusionUNet(**TINY_UNET).eval()
+    net.load_state_dict(ref.state_dict())  # strict: identical keys and shapes
+    labels = torch.tensor([1, 0])
+    expected = ref(X, T, class_labels=labels)
+    assert expected.abs().max() > 1e-3  # a real signal, not the zero-initialised output
+    torch.testing.assert_close(net(X, T, class_labels=labels), expected)
+    torch.testing.assert_close(net(X, T, class_embedding=net.embed_classes(labels)), expected)
+
+
+def test_loads_old_monai_generative_state_dict():
+    net = tiny_unet()
+    new_sd = net.state_dict()
+    old_sd = {}
+    # the MONAI Generative Models names that load_old_state_dict maps back
+    for k, v in new_sd.items():
+        k_old = k.replace(".attn.to_q.", ".to_q.").replace(".attn.to_k.", ".to_k.").replace(".attn.to_v.", ".to_v.")
+        k_old = k_old.replace(".attn.out_proj.", ".proj_attn.").replace("postconv", "conv")
+        old_sd[k_old] = v.clone()
+    assert set(old_sd) != set(new_sd)
+    fresh = ConditionalDiffusionUNet(**TINY_UNET).eval()
+    fresh.load_old_state_dict(old_sd)
+    labels = torch.tensor([0, 1])
+    torch.testing.assert_close(fresh(X, T, class_labels=labels), net(X, T, class_labels=labels))
+
+
+@pytest.mark.parametrize("conditioning", ["add", "scale_shift"])
+def test_label_and_timestep_change_output(conditioning):
+    net = tiny_unet(conditioning=conditioning)
+    out1 = net(X, T, class_labels=torch.tensor([1, 1]))
+    out0 = net(X, T, class_labels=torch.tensor([0, 0]))
+    assert (out1 - out0).abs().mean() > 1e-3
+    out_t = net(X, torch.tensor([900, 900]), class_labels=torch.tensor([1, 1]))
+    assert (out1 - out_t).abs().mean() > 1e-3
+
+
+def test_groupnorm_erasing_condition_is_rejected_and_scale_shift_fixes_it():
+    cfg = {**TINY_UNET, "channels": (8, 16), "norm_num_groups": 8}
+    with pytest.raises(ValueError, match="erases"):
+        ConditionalDiffusionUNet(**cfg)
+    # the measured reason: MONAI's additive conditioning before a one-channel-per-group norm is lost
+    kw = {k: v for k, v in cfg.items() if k != "num_classes"}
+    torch.manual_seed(0)
+    plain = perturb(DiffusionModelUNet(**{**kw, "channels": (8, 8), "num_class_embeds": 2}))
+    lost = plain(X, T, class_labels=torch.tensor([1, 1])) - plain(X, T, class_labels=torch.tensor([0, 0]))
+    assert lost.abs().max() < 1e-4
+    net = tiny_unet(channels=(8, 8), norm_num_groups=8, conditioning="scale_shift")
+    kept = net(X, T, class_labels=torch.tensor([1, 1])) - net(X, T, class_labels=torch.tensor([0, 0]))
+    assert kept.abs().mean() > 1e-3
+
+
+def test_scale_shift_projects_two_vectors_per_channel():
+    net = ConditionalDiffusionUNet(**TINY_UNET, conditioning="scale_shift")
+    proj = net.down_blocks[0].resnets[0].time_emb_proj
+    assert proj.out_features == 2 * 8
+
+
+def test_null_class_is_the_last_index():
+    net = ConditionalDiffusionUNet(**TINY_UNET, null_class=True)
+    assert net.null_class == 2 and net.class_embedding.num_embeddings == 3
+    assert ConditionalDiffusionUNet(**TINY_UNET).null_class is None
+    assert net.embed_classes([2]).shape == (1, net.embedding_dim)
+
+
+def test_embed_classes_shape_and_values():
+    net = tiny_unet()
+    e = net.embed_classes(torch.tensor([1, 0, 1]))
+    assert e.shape == (3, 32)
+    torch.testing.assert_close(e[0], net.class_embedding.weight[1])
+    torch.testing.assert_close(e[1], net.class_embedding.weight[0])
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({}, "exactly one"),
+        ({"class_labels": torch.tensor([0, 1]), "class_embedding": torch.zeros(2, 32)}, "exactly one"),
+        ({"class_labels": torch.tensor([0, 2])}, "class_labels must be in 0..1"),
+        ({"class_labels": torch.tensor([-1, 0])}, "class_labels must be in"),
+        ({"class_embedding": torch.zeros(2, 31)}, "shape"),
+        ({"class_embedding": torch.zeros(2, 32, dtype=torch.long)}, "float"),
+    ],
+)
+def test_forward_rejects_bad_conditions(kwargs, match):
+    net = ConditionalDiffusionUNet(**TINY_UNET)
+    with pytest.raises(ValueError, match=match):
+        net(X, T, **kwargs)
+
+
+def test_constructor_errors():
+    with pytest.raises(ValueError, match="num_classes"):
+        ConditionalDiffusionUNet(**{**TINY_UNET, "num_classes": 0})
+    with pytest.raises(ValueError, match="conditioning"):
+        ConditionalDiffusionUNet(**TINY_UNET, conditioning="film")
+    with pytest.raises(ValueError, match="num_class_embeds"):
+        ConditionalDiffusionUNet(**TINY_UNET, num_class_embeds=2)
+    with pytest.raises(ValueError, match="embed_classes|class_labels"):
+        ConditionalDiffusionUNet(**TINY_UNET).embed_classes([5])
+
+
+def test_noisy_classifier_is_timestep_aware_and_checks_shape():
+    clf = tiny_classifier()
+    logits = clf(X, T)
+    assert logits.shape == (2, 2)
+    assert (clf(X, torch.tensor([900, 900])) - clf(X, torch.tensor([10, 10]))).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="spatial shape"):
+        clf(torch.randn(2, 1, 32, 32), T)
+    with pytest.raises(ValueError, match="erase"):
+        NoisyClassifier(spatial_dims=2, in_channels=1, num_classes=2, input_shape=(16, 16), channels=(8, 16), norm_num_groups=8)
+    with pytest.raises(ValueError, match="input_shape"):
+        NoisyClassifier(spatial_dims=2, in_channels=1, num_classes=2, input_shape=(16, 16, 16))
+
+
+def test_three_dimensional_network():
+    net = tiny_unet(spatial_dims=3)
+    x = torch.randn(1, 1, 8, 8, 8)
+    out = net(x, torch.tensor([5]), class_embedding=net.embed_classes([1]))
+    assert out.shape == x.shape
