@@ -47,6 +47,7 @@ class ConditionDifferenceInferer(DiffusionMapInferer):
         target_class: y1, the class whose object is segmented.
         reference_class: y0, the class the second branch moves towards (healthy).
         guidance_scale: s, classifier guidance scale (0 = CDM, > 0 = CG-CDM, needs a classifier).
+        classifier: default noisy classifier, used when a call passes none (handy in bundle configs).
         verbose: show a progress bar over the steps.
 
     Returns (``__call__``):
@@ -75,9 +76,10 @@ class ConditionDifferenceInferer(DiffusionMapInferer):
         target_class: int = 1,
         reference_class: int = 0,
         guidance_scale: float = 0.0,
+        classifier: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         verbose: bool = False,
     ) -> None:
-        super().__init__(scheduler, noise_level, verbose=verbose)
+        super().__init__(scheduler, noise_level, classifier=classifier, verbose=verbose)
         if int(num_steps) != num_steps or not 1 <= num_steps <= self.noise_level:
             raise ValueError(f"num_steps must be an integer in [1, noise_level={self.noise_level}], got {num_steps}.")
         if not 0.0 < tau < 1.0:
@@ -113,6 +115,7 @@ class ConditionDifferenceInferer(DiffusionMapInferer):
             the signed map, same shape, device and dtype as ``inputs``.
         """
         self.check_inputs(inputs, network)
+        classifier = classifier if classifier is not None else self.classifier
         if not callable(getattr(network, "embed_classes", None)):
             raise ValueError(f"network {type(network).__name__} has no embed_classes(); use ConditionalDiffusionUNet.")
         self.check_class(network, self.target_class, "target_class")

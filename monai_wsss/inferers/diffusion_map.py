@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from monai.inferers import Inferer
@@ -24,14 +24,23 @@ class DiffusionMapInferer(Inferer):
     Args:
         scheduler: a MONAI scheduler (e.g. ``DDIMScheduler``) whose ``alphas_cumprod`` the model was trained with.
         noise_level: the timestep index the image is noised (or encoded) to, in [1, T - 1].
+        classifier: default noisy classifier ``classifier(x_t, t) -> logits`` for guidance, used when a call
+            passes none.
         verbose: show a tqdm progress bar over the steps.
 
     Raises:
         ValueError: if ``noise_level`` is outside [1, T - 1] or the scheduler's prediction type is unknown.
     """
 
-    def __init__(self, scheduler, noise_level: int, verbose: bool = False) -> None:
+    def __init__(
+        self,
+        scheduler,
+        noise_level: int,
+        classifier: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        verbose: bool = False,
+    ) -> None:
         self.scheduler = scheduler
+        self.classifier = classifier
         self.alphas_cumprod = alphas_cumprod_from(scheduler)
         self.num_train_timesteps = int(self.alphas_cumprod.shape[0])
         if int(noise_level) != noise_level or not 1 <= noise_level <= self.num_train_timesteps - 1:

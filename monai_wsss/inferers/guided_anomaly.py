@@ -48,6 +48,7 @@ class GuidedDiffusionAnomalyInferer(DiffusionMapInferer):
         cfg_scale: w, classifier-free guidance weight (``mode="cfg"``).
         encode_class: class used while encoding; default: the null class for ``"cfg"``, ``healthy_class`` for
             ``"classifier"``.
+        classifier: default noisy classifier, used when a call passes none (handy in bundle configs).
         verbose: show progress bars over the steps.
 
     Raises:
@@ -70,9 +71,10 @@ class GuidedDiffusionAnomalyInferer(DiffusionMapInferer):
         mode: str = "classifier",
         cfg_scale: float = 3.0,
         encode_class: int | None = None,
+        classifier: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         verbose: bool = False,
     ) -> None:
-        super().__init__(scheduler, noise_level, verbose=verbose)
+        super().__init__(scheduler, noise_level, classifier=classifier, verbose=verbose)
         if mode not in GUIDANCE_MODES:
             raise ValueError(f"mode must be one of {GUIDANCE_MODES}, got {mode!r}.")
         if guidance_scale < 0:
@@ -123,6 +125,7 @@ class GuidedDiffusionAnomalyInferer(DiffusionMapInferer):
             ``|x0 - x_hat|`` with the input's shape, device and dtype (and ``x_hat`` if requested).
         """
         self.check_inputs(inputs, network)
+        classifier = classifier if classifier is not None else self.classifier
         if self.mode == "cfg" or getattr(network, "num_class_embeds", None) is not None:
             self.check_class(network, self.healthy_class, "healthy_class")
         encode_label = self._encode_label(network)

@@ -1,0 +1,7 @@
+from monai_wsss.engines.prepare_batch import (
+    ClassConditionalDiffusionPrepareBatch,
+    NoisyClassifierPrepareBatch,
+    SegmentationPrepareBatch,
+)
+
+__all__ = ["ClassConditionalDiffusionPrepareBatch", "NoisyClassifierPrepareBatch", "SegmentationPrepareBatch"]
