@@ -1,0 +1,38 @@
+# Copyright (c) monai_wsss contributors
+# Licensed under the Apache License, Version 2.0
+"""Dataset builders (BraTS, Decathlon Task01, CHAOS), case-level splits, datalists, slice datasets, synthetic data."""
+
+from monai_wsss.data.datalist import (
+    SPLIT_KEYS,
+    build_brats_datalist,
+    build_chaos_datalist,
+    load_datalist,
+    split_cases,
+    write_datalist,
+)
+from monai_wsss.data.slice_dataset import (
+    SLICE_SPLITS,
+    TASKS,
+    TaskPreset,
+    build_slice_dataset,
+    volume_preprocess,
+    volume_to_slices,
+)
+from monai_wsss.data.synthetic import make_synthetic_dataset, synthetic_brain_volume
+
+__all__ = [
+    "SLICE_SPLITS",
+    "SPLIT_KEYS",
+    "TASKS",
+    "TaskPreset",
+    "build_brats_datalist",
+    "build_chaos_datalist",
+    "build_slice_dataset",
+    "load_datalist",
+    "make_synthetic_dataset",
+    "split_cases",
+    "synthetic_brain_volume",
+    "volume_preprocess",
+    "volume_to_slices",
+    "write_datalist",
+]

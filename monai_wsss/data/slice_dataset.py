@@ -1,0 +1,353 @@
+# Copyright (c) monai_wsss contributors
+# Licensed under the Apache License, Version 2.0
+"""Task presets and the cached volume -> weakly labelled 2D slice dataset."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from monai.data import Dataset, PersistentDataset
+from monai.transforms import Compose, MapTransform, Transform
+
+from monai_wsss.transforms.intensity import ScaleIntensityNonzeroPercentilesd
+from monai_wsss.transforms.io import LoadVolumed
+from monai_wsss.transforms.model_space import model_space_transform
+from monai_wsss.transforms.slicing import SliceVolumed
+from monai_wsss.transforms.validation import ValidateVolumed
+from monai_wsss.transforms.weak_label import MapTargetLabelsd, WeakSliceLabeld
+
+__all__ = ["TaskPreset", "TASKS", "volume_preprocess", "volume_to_slices", "build_slice_dataset", "SLICE_SPLITS"]
+
+#: ``split`` values of :py:func:`build_slice_dataset`
+SLICE_SPLITS = ("train", "eval", "all")
+
+# bump when the cached slice format changes, so old caches are not reused
+_CACHE_VERSION = "1"
+
+
+@dataclass(frozen=True)
+class TaskPreset:
+    """
+    Everything task-specific between a volume and its weakly labelled slices.
+
+    Args:
+        name: task name.
+        target_labels: mask values forming the target (``None``: every non-zero value).
+        allowed_labels: every value the mask may contain (others are an error).
+        lower_percentile: intensity percentile (inside the non-zero region) mapped to 0.
+        upper_percentile: intensity percentile mapped to 1.
+        positive_min_pixels: smallest target area (source pixels) of a positive slice (``None``: unused).
+        positive_min_fraction: smallest target fraction of the (source) slice area of a positive slice
+            (``None``: unused). The default 0.002 is about 115 pixels of a 240 x 240 BraTS slice and 8 pixels
+            at 64 x 64; slices with less target are ambiguous (excluded from training).
+        min_body_fraction: smallest non-zero (brain / body) fraction of a slice kept for training / evaluation.
+        eval_min_fraction: at evaluation, drop slices whose target covers more than 0 but less than this
+            fraction of the slice (the CDM paper's CHAOS protocol, 5 %); ``None``: keep them.
+        slice_axis: spatial axis of the slices (2: axial for BraTS / CHAOS NIfTI).
+        image_channel: channel kept from multi-channel images (Decathlon Task01: 0 = FLAIR).
+    """
+
+    name: str
+    target_labels: tuple[int, ...] | None
+    allowed_labels: tuple[int, ...]
+    lower_percentile: float = 0.5
+    upper_percentile: float = 99.5
+    positive_min_pixels: int | None = None
+    positive_min_fraction: float | None = 0.002
+    min_body_fraction: float = 0.05
+    eval_min_fraction: float | None = None
+    slice_axis: int = 2
+    image_channel: int = 0
+
+    def replace(self, **changes) -> TaskPreset:
+        """A copy with some fields changed, e.g. ``TASKS["brats"].replace(positive_min_pixels=50)``."""
+        return dataclasses.replace(self, **changes)
+
+
+#: task presets; BraTS whole tumour (labels 1, 2, 4 of BraTS 2018 and 1, 2, 3 of Decathlon Task01)
+#: and CHAOS kidney (right 2 + left 3; liver 1 and spleen 4 are background)
+TASKS: dict[str, TaskPreset] = {
+    "brats": TaskPreset(name="brats", target_labels=None, allowed_labels=(0, 1, 2, 3, 4)),
+    "chaos": TaskPreset(
+        name="chaos", target_labels=(2, 3), allowed_labels=(0, 1, 2, 3, 4), eval_min_fraction=0.05
+    ),
+}
+
+
+def _preset(task: str | TaskPreset) -> TaskPreset:
+    if isinstance(task, TaskPreset):
+        return task
+    if task not in TASKS:
+        raise ValueError(f"unknown task '{task}', expected one of {sorted(TASKS)} or a TaskPreset.")
+    return TASKS[task]
+
+
+def volume_preprocess(task: str | TaskPreset = "brats", image_key: str = "image", seg_key: str = "seg") -> Compose:
+    """
+    Compose loading and normalising one case: ``{"image": path, "seg": path}`` to
+    ``{"image": (1, H, W, D) in [0, 1], "seg": (1, H, W, D) binary}``, MetaTensors with the source affine.
+
+    Steps: :py:class:`~monai_wsss.transforms.io.LoadVolumed` (NiBabel / ITK, so a DICOM series folder works),
+    :py:class:`~monai_wsss.transforms.validation.ValidateVolumed` (3D, no NaN, same shape and affine),
+    :py:class:`~monai_wsss.transforms.weak_label.MapTargetLabelsd` (task label mapping) and
+    :py:class:`~monai_wsss.transforms.intensity.ScaleIntensityNonzeroPercentilesd`. The mask is optional.
+
+    Args:
+        task: task name in :py:data:`TASKS` or a :py:class:`TaskPreset`.
+        image_key: key of the image path.
+        seg_key: key of the mask path.
+
+    Returns:
+        a ``Compose``.
+
+    Raises:
+        ValueError: unknown task (at build time); at call time, see the steps above.
+
+    Example::
+
+        >>> pre = volume_preprocess("brats")
+        >>> # pre({"image": ".../case_flair.nii.gz", "seg": ".../case_seg.nii.gz"})["image"].shape -> (1, 240, 240, 155)
+    """
+    preset = _preset(task)
+    return Compose(
+        [
+            LoadVolumed([image_key, seg_key], channel=preset.image_channel, allow_missing_keys=True),
+            ValidateVolumed(image_key=image_key, seg_key=seg_key, spatial_dims=3),
+            MapTargetLabelsd(
+                seg_key,
+                target_labels=preset.target_labels,
+                allowed_labels=preset.allowed_labels,
+                allow_missing_keys=True,
+            ),
+            ScaleIntensityNonzeroPercentilesd(image_key, lower=preset.lower_percentile, upper=preset.upper_percentile),
+        ]
+    )
+
+
+class _RequireKeysd(MapTransform):
+    """Fail early, naming the case, when an item lacks a key the slice dataset needs."""
+
+    def __call__(self, data):
+        for key in self.keys:
+            if key not in data:
+                raise ValueError(f"case {data.get('case', '?')} has no '{key}' entry (keys: {list(data)}).")
+        return data
+
+
+def volume_to_slices(
+    task: str | TaskPreset = "brats", spatial_size: Sequence[int] | int = (64, 64)
+) -> Compose:
+    """
+    Compose turning one case ``{"image": path, "seg": path, "case": id}`` into a list of model-space slice dicts.
+
+    Each slice dict holds ``image`` (1, h, w) in [-1, 1], ``seg`` (1, h, w) binary, ``label`` (0/1, from the
+    source-resolution mask), ``ambiguous`` (bool), ``slice_index``, ``body_fraction`` (non-zero fraction of the
+    source slice), ``target_fraction`` and every other key of the item (``case`` ...). Nothing is filtered
+    here; :py:func:`build_slice_dataset` filters per split. Image and mask are MetaTensors whose
+    ``applied_operations`` let :py:func:`~monai_wsss.transforms.model_space.invert_model_space` map outputs back
+    to the source slice.
+
+    Args:
+        task: task name or preset.
+        spatial_size: model-space size.
+
+    Returns:
+        a ``Compose`` (its output is a list).
+
+    Example::
+
+        >>> to_slices = volume_to_slices("brats", (64, 64))
+        >>> # to_slices(item) -> 155 dicts for a BraTS case
+    """
+    preset = _preset(task)
+    return Compose(
+        [
+            _RequireKeysd(["image", "seg"]),
+            volume_preprocess(preset),
+            SliceVolumed(
+                ["image", "seg"], slice_axis=preset.slice_axis, foreground_key="image", fraction_key="body_fraction"
+            ),
+            WeakSliceLabeld(
+                "seg",
+                fraction_key="target_fraction",
+                min_pixels=preset.positive_min_pixels,
+                min_fraction=preset.positive_min_fraction,
+            ),
+            model_space_transform(spatial_size),
+        ]
+    )
+
+
+def _identity(x):
+    return x
+
+
+def _root_error(err: BaseException) -> BaseException:
+    """The error under MONAI's ``RuntimeError("applying transform ...")`` wrappers (one per Compose level)."""
+    while isinstance(err, RuntimeError) and str(err).startswith("applying transform") and err.__cause__ is not None:
+        err = err.__cause__
+    return err
+
+
+class _UnwrappedErrors(torch.utils.data.Dataset):
+    """Re-raise a case's bad-input error itself (naming the file), not MONAI's nested transform wrappers."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        try:
+            return self.dataset[index]
+        except RuntimeError as err:
+            root = _root_error(err)
+            if root is err:
+                raise
+            raise root.with_traceback(None) from None
+
+
+_SCALAR_KEYS = {"label": torch.int64, "ambiguous": torch.bool, "slice_index": torch.int64,
+                "body_fraction": torch.float32, "target_fraction": torch.float32}
+
+
+class _CaseToPackedSlices(Transform):
+    """
+    One case to its slices packed as stacked plain tensors: compact and fast to ``torch.load``
+    (a cached list of per-slice MetaTensors loads slower than re-reading the NIfTI).
+    A ``Transform`` subclass so that ``PersistentDataset`` treats it as deterministic and caches it.
+    """
+
+    def __init__(self, preset: TaskPreset, spatial_size: tuple[int, int]) -> None:
+        self.to_slices = volume_to_slices(preset, spatial_size)
+
+    def __call__(self, item: Mapping) -> dict:
+        slices = self.to_slices(dict(item))
+        if not slices:
+            raise ValueError(f"case {item.get('case', '?')} produced no slice.")
+        packed = {k: v for k, v in slices[0].items() if k not in _SCALAR_KEYS and k not in ("image", "seg")}
+        for key in ("image", "seg"):
+            packed[key] = torch.stack([torch.as_tensor(s[key]).as_subclass(torch.Tensor) for s in slices]).float()
+        for key, dtype in _SCALAR_KEYS.items():
+            packed[key] = torch.tensor([s[key] for s in slices], dtype=dtype)
+        return packed
+
+
+def _unpack(packed: Mapping) -> list[dict]:
+    others = {k: v for k, v in packed.items() if k not in _SCALAR_KEYS and k not in ("image", "seg")}
+    values = {key: packed[key].tolist() for key in _SCALAR_KEYS}
+    out = []
+    for i in range(packed["image"].shape[0]):
+        item = dict(others)
+        item["image"] = packed["image"][i]
+        item["seg"] = packed["seg"][i]
+        for key in _SCALAR_KEYS:
+            item[key] = values[key][i]
+        out.append(item)
+    return out
+
+
+def _keep(item: Mapping, preset: TaskPreset, split: str) -> bool:
+    if split == "all":
+        return True
+    if item["body_fraction"] <= 0 or item["body_fraction"] < preset.min_body_fraction:
+        return False
+    if split == "train":
+        return not item["ambiguous"]
+    if preset.eval_min_fraction is not None:
+        return not 0 < item["target_fraction"] < preset.eval_min_fraction
+    return True
+
+
+def _cache_subdir(cache_dir: str | os.PathLike, preset: TaskPreset, spatial_size) -> Path:
+    # cached slices depend on every preset field and the model size: key the cache folder on them
+    config = {"version": _CACHE_VERSION, "preset": dataclasses.asdict(preset), "spatial_size": list(spatial_size)}
+    digest = hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
+    return Path(cache_dir) / f"{preset.name}_{'x'.join(map(str, spatial_size))}_{digest}"
+
+
+def build_slice_dataset(
+    items: Sequence[Mapping],
+    task: str | TaskPreset = "brats",
+    spatial_size: Sequence[int] | int = (64, 64),
+    cache_dir: str | os.PathLike | None = None,
+    split: str = "train",
+    transform: Callable | None = None,
+    num_workers: int = 0,
+) -> Dataset:
+    """
+    Build the weakly labelled 2D slice dataset of a list of cases.
+
+    Every case is read once (NiBabel / ITK), normalised, sliced, labelled and moved to model space with
+    :py:func:`volume_to_slices`; with ``cache_dir`` the per-case slices are stored by MONAI's
+    ``PersistentDataset`` (keyed on the item and on the preset and size), so a later run does not re-read the
+    NIfTI files. The returned dataset holds all slices in memory: no epoch re-reads anything.
+
+    Splits: ``"train"`` drops ambiguous slices and slices whose brain / body covers less than
+    ``min_body_fraction``; ``"eval"`` drops only the latter (ambiguous slices keep ``label = 1``) and, when the
+    preset sets ``eval_min_fraction`` (CHAOS), slices whose target covers less than that fraction;
+    ``"all"`` keeps every slice.
+
+    Args:
+        items: datalist items ``{"image": path, "seg": path, "case": id}``.
+        task: task name in :py:data:`TASKS` or a :py:class:`TaskPreset`.
+        spatial_size: model-space size (int or (h, w)).
+        cache_dir: folder of the persistent per-case cache (``None``: in memory only).
+        split: ``"train"``, ``"eval"`` or ``"all"``.
+        transform: optional per-slice transform applied on access (e.g. random augmentation).
+        num_workers: worker processes reading cases (0: in this process).
+
+    Returns:
+        a MONAI ``Dataset`` of slice dicts: ``image`` (1, h, w) in [-1, 1], ``seg`` (1, h, w) binary, ``label``
+        0/1, ``slice_index``, ``case``, plus ``ambiguous``, ``body_fraction``, ``target_fraction``.
+
+    Raises:
+        ValueError: unknown task or split, empty ``items``, an item without ``case`` / ``image`` / ``seg``, and
+            every bad-input error of :py:func:`volume_preprocess` (naming the file).
+
+    Example::
+
+        >>> from monai_wsss.data import build_brats_datalist, split_cases, build_slice_dataset
+        >>> splits = split_cases(build_brats_datalist("../shared/data/brats2018"))  # doctest: +SKIP
+        >>> ds = build_slice_dataset(splits["training"], "brats", cache_dir="/work/cache/slices")  # doctest: +SKIP
+        >>> ds[0]["image"].shape  # doctest: +SKIP
+        torch.Size([1, 64, 64])
+    """
+    preset = _preset(task)
+    if split not in SLICE_SPLITS:
+        raise ValueError(f"unknown split '{split}', expected one of {SLICE_SPLITS}.")
+    size = (int(spatial_size),) * 2 if isinstance(spatial_size, int) else tuple(int(s) for s in spatial_size)
+    if len(size) != 2 or min(size) < 1:
+        raise ValueError(f"spatial_size must be a positive int or (h, w), got {spatial_size}.")
+    if not items:
+        raise ValueError("items is empty: no case to build slices from.")
+    for i, item in enumerate(items):
+        if not isinstance(item, Mapping) or "case" not in item:
+            raise ValueError(f"item {i} must be a dict with a 'case' key, got {item!r}.")
+    per_case = Compose([_CaseToPackedSlices(preset, size)])
+    if cache_dir is not None:
+        case_ds = PersistentDataset(
+            data=[dict(it) for it in items], transform=per_case, cache_dir=_cache_subdir(cache_dir, preset, size)
+        )
+    else:
+        case_ds = Dataset(data=[dict(it) for it in items], transform=per_case)
+    case_ds = _UnwrappedErrors(case_ds)
+    slices: list[dict] = []
+    if num_workers > 0:
+        loader = torch.utils.data.DataLoader(
+            case_ds, batch_size=None, shuffle=False, num_workers=num_workers, collate_fn=_identity
+        )
+        case_iter = iter(loader)
+    else:
+        case_iter = (case_ds[i] for i in range(len(case_ds)))
+    for packed in case_iter:
+        slices.extend(s for s in _unpack(packed) if _keep(s, preset, split))
+    return Dataset(data=slices, transform=transform)

@@ -1,0 +1,164 @@
+# Copyright (c) monai_wsss contributors
+# Licensed under the Apache License, Version 2.0
+"""Brain-like synthetic FLAIR volumes with bright lesions, for tests and the demo (no download)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from scipy.ndimage import gaussian_filter
+
+__all__ = ["synthetic_brain_volume", "make_synthetic_dataset"]
+
+
+def _smooth_noise(rng: np.random.Generator, shape: Sequence[int], sigma: float, factor: int = 4) -> np.ndarray:
+    """Unit-variance smooth noise; drawn at ``1/factor`` resolution and upsampled to stay fast on big volumes."""
+    small = [max(2, int(np.ceil(s / factor))) for s in shape]
+    noise = gaussian_filter(rng.standard_normal(small), sigma=max(sigma / factor, 0.5), mode="wrap")
+    noise /= noise.std() + 1e-8
+    # nearest upsampling followed by a light blur keeps the cost linear in the volume size
+    idx = np.ix_(*[np.minimum((np.arange(s) * n) // s, n - 1) for s, n in zip(shape, small)])
+    return gaussian_filter(noise[idx], sigma=factor / 2.0)
+
+
+def synthetic_brain_volume(
+    shape: Sequence[int] = (96, 96, 48),
+    seed: int | np.random.Generator = 0,
+    num_lesions: int | None = None,
+    outliers: bool = False,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """
+    One synthetic skull-stripped FLAIR-like volume with its BraTS-style mask.
+
+    The brain is an ellipsoid with smooth tissue texture, a slightly brighter cortical rim and two darker
+    ventricles, on an exact-zero background. Lesions are irregular ellipsoids with a label-2 rim (oedema)
+    around a label-1 or label-4 core, brighter than tissue as in FLAIR, with varied sizes and positions; they
+    never cover every slice, so lesion-free slices exist in every volume.
+
+    Args:
+        shape: (H, W, D) volume shape; each side at least 16.
+        seed: integer seed or a NumPy generator (deterministic output for a given seed).
+        num_lesions: number of lesions (``None``: 1 to 3 drawn from the seed; 0: a lesion-free volume).
+        outliers: put a few voxels at 32767 inside the brain (as in some raw BraTS FLAIR volumes).
+
+    Returns:
+        ``(image, seg, affine)``: int16 image (H, W, D), uint8 mask with labels {0, 1, 2, 4}, 4 x 4 affine
+        (1 mm voxels, BraTS-like orientation).
+
+    Raises:
+        ValueError: a side shorter than 16 or a negative ``num_lesions``.
+
+    Example::
+
+        >>> image, seg, affine = synthetic_brain_volume((64, 64, 32), seed=1)
+        >>> image.shape, sorted(set(np.unique(seg)) - {0}) != []
+        ((64, 64, 32), True)
+    """
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != 3 or min(shape) < 16:
+        raise ValueError(f"shape must be three sides of at least 16 voxels, got {shape}.")
+    if num_lesions is not None and num_lesions < 0:
+        raise ValueError(f"num_lesions must be >= 0, got {num_lesions}.")
+    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    size = np.asarray(shape, dtype=np.float32)
+    grids = np.meshgrid(*[np.arange(s, dtype=np.float32) for s in shape], indexing="ij", sparse=True)
+
+    centre = size / 2 + rng.uniform(-0.03, 0.03, 3) * size
+    radii = size * np.array([0.40, 0.36, 0.44]) * rng.uniform(0.92, 1.05, 3)
+    shape_noise = _smooth_noise(rng, shape, sigma=min(shape) / 6)
+    r_brain = sum(((g - c) / r) ** 2 for g, c, r in zip(grids, centre, radii)) + 0.04 * shape_noise
+    brain = r_brain <= 1.0
+
+    image = 300.0 + 25.0 * _smooth_noise(rng, shape, sigma=2.0) + 15.0 * shape_noise
+    image += 40.0 * np.clip((r_brain - 0.75) / 0.25, 0.0, 1.0)  # brighter cortical rim
+    for side in (-1.0, 1.0):  # ventricles: dark (CSF is suppressed in FLAIR)
+        v_centre = centre + np.array([-0.05, side * 0.11, 0.05]) * size
+        v_radii = size * np.array([0.16, 0.05, 0.14])
+        ventricle = sum(((g - c) / r) ** 2 for g, c, r in zip(grids, v_centre, v_radii)) <= 1.0
+        image[ventricle] = 110.0 + 10.0 * shape_noise[ventricle]
+
+    seg = np.zeros(shape, dtype=np.uint8)
+    n_lesions = int(rng.integers(1, 4)) if num_lesions is None else num_lesions
+    lesion_noise = _smooth_noise(rng, shape, sigma=3.0)
+    for _ in range(n_lesions):
+        # radius from small (a few voxels) to large (a sixth of the smallest side); centre well inside the brain
+        radius = rng.uniform(2.5, max(3.0, min(shape) / 6.0)) * rng.uniform(0.8, 1.25, 3)
+        radius[2] = min(radius[2], 0.3 * shape[2])  # never spans the whole depth: lesion-free slices remain
+        offset = rng.uniform(-0.5, 0.5, 3) * radii
+        l_centre = centre + offset
+        r_lesion = sum(((g - c) / r) ** 2 for g, c, r in zip(grids, l_centre, radius)) + 0.25 * lesion_noise
+        oedema = (r_lesion <= 1.0) & brain
+        core = (r_lesion <= 0.35) & brain
+        # hyperintense like FLAIR oedema, brightest in the centre, edges still well above tissue
+        image += oedema * (230.0 + 90.0 * rng.uniform()) * np.clip(1.4 - 0.6 * r_lesion, 0.7, 1.0)
+        seg[oedema & (seg == 0)] = 2
+        seg[core] = 4 if rng.uniform() < 0.5 else 1
+
+    image += rng.normal(0.0, 8.0, shape)
+    image = np.where(brain, np.clip(image, 1.0, None), 0.0)
+    seg[~brain] = 0
+    if outliers:
+        inside = np.argwhere(brain)
+        picks = inside[rng.choice(len(inside), size=5, replace=False)]
+        image[tuple(picks.T)] = 32767
+    affine = np.array(
+        [[-1.0, 0.0, 0.0, 0.0], [0.0, -1.0, 0.0, shape[1] - 1.0], [0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]]
+    )
+    return np.round(image).astype(np.int16), seg, affine
+
+
+def make_synthetic_dataset(
+    out_dir: str | os.PathLike,
+    num_cases: int = 6,
+    shape: Sequence[int] = (96, 96, 48),
+    seed: int = 0,
+    lesion_free_every: int = 4,
+) -> list[dict]:
+    """
+    Write a synthetic BraTS-layout dataset: ``out_dir/<case>/<case>_flair.nii.gz`` and ``<case>_seg.nii.gz``.
+
+    Case ``i`` is drawn from ``numpy.random.default_rng([seed, i])``, so a case does not change when
+    ``num_cases`` does. Every ``lesion_free_every``-th case (indices 3, 7, ... by default) has no lesion; the
+    second case has intensity outliers at 32767 like some raw BraTS FLAIR volumes.
+
+    Args:
+        out_dir: output folder (created).
+        num_cases: number of cases.
+        shape: (H, W, D) of every volume.
+        seed: dataset seed.
+        lesion_free_every: period of lesion-free cases (0: none).
+
+    Returns:
+        datalist items ``{"image": path, "seg": path, "case": id}``, as :py:func:`build_brats_datalist` lists them.
+
+    Raises:
+        ValueError: ``num_cases`` < 1 (and see :py:func:`synthetic_brain_volume`).
+
+    Example::
+
+        >>> items = make_synthetic_dataset("/tmp/synthetic_brats", num_cases=2, shape=(32, 32, 16))  # doctest: +SKIP
+        >>> items[0]["case"]  # doctest: +SKIP
+        'synth_000'
+    """
+    if num_cases < 1:
+        raise ValueError(f"num_cases must be >= 1, got {num_cases}.")
+    root = Path(out_dir)
+    items = []
+    for i in range(num_cases):
+        case = f"synth_{i:03d}"
+        lesion_free = lesion_free_every > 0 and i % lesion_free_every == lesion_free_every - 1
+        image, seg, affine = synthetic_brain_volume(
+            shape, seed=np.random.default_rng([seed, i]), num_lesions=0 if lesion_free else None, outliers=i == 1
+        )
+        case_dir = root / case
+        case_dir.mkdir(parents=True, exist_ok=True)
+        image_path = case_dir / f"{case}_flair.nii.gz"
+        seg_path = case_dir / f"{case}_seg.nii.gz"
+        nib.save(nib.Nifti1Image(image, affine), str(image_path))
+        nib.save(nib.Nifti1Image(seg, affine), str(seg_path))
+        items.append({"image": str(image_path.resolve()), "seg": str(seg_path.resolve()), "case": case})
+    return items

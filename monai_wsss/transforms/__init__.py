@@ -1,0 +1,28 @@
+"""Array and dictionary transforms: volume preprocessing, slicing, weak labels, model space, map post-processing."""
+
+# --- preprocessing (data helper) ---
+from monai_wsss.transforms.intensity import (
+    ScaleIntensityNonzeroPercentiles,
+    ScaleIntensityNonzeroPercentilesd,
+)
+from monai_wsss.transforms.io import LoadVolumed
+from monai_wsss.transforms.model_space import invert_model_space, model_space_transform
+from monai_wsss.transforms.slicing import SliceVolumed, slice_foreground_fraction
+from monai_wsss.transforms.validation import ValidateVolumed
+from monai_wsss.transforms.weak_label import MapTargetLabels, MapTargetLabelsd, WeakSliceLabel, WeakSliceLabeld
+
+__all__ = [
+    # preprocessing
+    "LoadVolumed",
+    "MapTargetLabels",
+    "MapTargetLabelsd",
+    "ScaleIntensityNonzeroPercentiles",
+    "ScaleIntensityNonzeroPercentilesd",
+    "SliceVolumed",
+    "ValidateVolumed",
+    "WeakSliceLabel",
+    "WeakSliceLabeld",
+    "invert_model_space",
+    "model_space_transform",
+    "slice_foreground_fraction",
+]
