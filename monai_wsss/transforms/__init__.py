@@ -11,6 +11,18 @@ from monai_wsss.transforms.slicing import SliceVolumed, slice_foreground_fractio
 from monai_wsss.transforms.validation import ValidateVolumed
 from monai_wsss.transforms.weak_label import MapTargetLabels, MapTargetLabelsd, WeakSliceLabel, WeakSliceLabeld
 
+# --- map post-processing (eval helper) ---
+from monai_wsss.transforms.postprocess import (
+    CopyMetaFromd,
+    NormalizeMap,
+    NormalizeMapd,
+    OtsuThreshold,
+    OtsuThresholdd,
+    dataset_otsu_threshold,
+    map_writer,
+    otsu_thresholds,
+)
+
 __all__ = [
     # preprocessing
     "LoadVolumed",
@@ -25,4 +37,13 @@ __all__ = [
     "invert_model_space",
     "model_space_transform",
     "slice_foreground_fraction",
+    # map post-processing
+    "CopyMetaFromd",
+    "NormalizeMap",
+    "NormalizeMapd",
+    "OtsuThreshold",
+    "OtsuThresholdd",
+    "dataset_otsu_threshold",
+    "map_writer",
+    "otsu_thresholds",
 ]
