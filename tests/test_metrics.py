@@ -229,7 +229,28 @@ def test_slice_auc_of_map_max_by_hand():
 
 
 def test_metrics_emit_no_warnings_for_empty_predictions():
+    """Empty predictions are handled before MONAI (which warns, returns nan, and aggregates all-nan to 0)."""
     pred, gt = _case_volume()
     with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)
+        warnings.simplefilter("error")
         SegmentationScores()(pred, gt)
+
+
+def test_metatensor_inputs_score_like_plain_tensors():
+    from monai.data import MetaTensor
+
+    pred, gt = _case_volume()
+    plain, meta = SegmentationScores(spacing=1.0), SegmentationScores(spacing=1.0)
+    plain(pred, gt)
+    meta(MetaTensor(pred), MetaTensor(gt))
+    assert plain.aggregate() == pytest.approx(meta.aggregate(), nan_ok=True)
+
+
+def test_all_empty_predictions_do_not_score_hd95_zero():
+    _, gt = _case_volume()
+    scores = SegmentationScores()
+    scores(torch.zeros_like(gt), gt)
+    agg = scores.aggregate()
+    # MONAI's HausdorffDistanceMetric(...).aggregate() gives 0.0 here; we report it as missing
+    assert math.isnan(agg["hd95"]) and agg["num_hd95_missing"] == agg["num_scored"] == 2
+    assert agg["dice"] == 0.0

@@ -102,6 +102,8 @@ class PixelAUCMetric(IterationMetric):
     Each call adds the pixels (inside ``body_mask`` when given) of a batch; ``aggregate()`` ranks all
     of them at once. The pixels are kept in memory (5 bytes each) until ``reset()``; with many full-size
     volumes pass a body mask to keep only the body. Buffers are local to the process (no distributed sync).
+    Scores are pooled across slices and cases, so pass maps on a common scale (raw, or normalised per
+    volume), not normalised per slice.
 
     Call: ``metric(y_pred, y, body_mask=None)`` with ``y_pred`` a map ``(B, C, *spatial)`` (any real
     values; higher = more likely target), ``y`` a binary mask of the same shape, ``body_mask`` of the same
@@ -165,7 +167,9 @@ class SliceAUCMetric(CumulativeIterationMetric):
 
     Each 2D slice gets the score ``max(map)`` (inside ``body_mask`` when given) and the label "target
     present" (non-empty ground truth). Slices whose body mask is empty are left out (they are trivially
-    negative and would flatter the score).
+    negative and would flatter the score). Pass the raw map (or one normalised per volume or with a fixed
+    scale), not a map normalised per slice: after per-slice normalisation every slice's maximum is 1 and
+    the AUROC is 0.5 by construction.
 
     Call: ``metric(y_pred, y, body_mask=None)``, with ``y_pred`` a batch of 2D maps ``(B, 1, H, W)`` or of
     volumes ``(B, 1, H, W, D)`` (sliced along ``slice_axis``); ``y`` the binary ground truth of the same

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,6 +15,7 @@ from monai.metrics import CumulativeIterationMetric
 from monai.metrics.hausdorff_distance import compute_hausdorff_distance
 from monai.metrics.meandice import compute_dice
 from monai.metrics.meaniou import compute_iou
+from monai.utils import convert_to_tensor
 
 __all__ = ["SegmentationScores", "SEGMENTATION_LEVELS", "check_binary", "slices_along"]
 
@@ -138,6 +140,9 @@ class SegmentationScores(CumulativeIterationMetric):
     def _prepare(self, y_pred: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         if y is None:
             raise ValueError("`y` (ground truth) is required.")
+        # plain tensors: MetaTensor bookkeeping is useless here and slows indexing down
+        y_pred = convert_to_tensor(y_pred, track_meta=False)
+        y = convert_to_tensor(y, track_meta=False, device=y_pred.device)
         if y_pred.shape != y.shape:
             raise ValueError(f"`y_pred` and `y` must have the same shape, got {tuple(y_pred.shape)} and {tuple(y.shape)}.")
         allowed = (4, 5) if self.level == "slice" else (5,)
@@ -179,19 +184,25 @@ class SegmentationScores(CumulativeIterationMetric):
         # HD95 only where both surfaces exist; an empty prediction keeps nan (missing), never 0
         with_surface = scored[pred_nonempty[scored]]
         if with_surface.numel() > 0:
-            idx = with_surface.to(y_pred.device)
-            hd_args = dict(include_background=True, distance_metric=self.distance_metric, percentile=self.percentile)
-            rows[with_surface, _HD] = (
-                compute_hausdorff_distance(y_pred[idx], y[idx], **hd_args)[:, 0].double().cpu()  # type: ignore[arg-type]
-            )
-            if item_spacing is not None:
-                sp = [item_spacing[int(i)] for i in with_surface]
-                rows[with_surface, _HD_MM] = (
-                    compute_hausdorff_distance(y_pred[idx], y[idx], spacing=sp, **hd_args)[:, 0]  # type: ignore[arg-type]
-                    .double()
-                    .cpu()
-                )
+            rows[with_surface, _HD], rows[with_surface, _HD_MM] = self._hd95(y_pred, y, with_surface, item_spacing)
         return rows
+
+    def _hd95(
+        self, y_pred: torch.Tensor, y: torch.Tensor, items: torch.Tensor, item_spacing: list[tuple[float, ...]] | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """HD95 in pixels and in mm (nan without spacing) of the given items."""
+        idx = items.to(y_pred.device)
+        hd_args = dict(include_background=True, distance_metric=self.distance_metric, percentile=self.percentile)
+        with warnings.catch_warnings():
+            # MONAI 1.5-1.6 warns about its own internal use of a deprecated argument on every call
+            warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*")
+            hd_px = compute_hausdorff_distance(y_pred[idx], y[idx], **hd_args)[:, 0].double().cpu()  # type: ignore[arg-type]
+            hd_mm = torch.full_like(hd_px, float("nan"))
+            if item_spacing is not None:
+                sp = [item_spacing[int(i)] for i in items]
+                hd_mm = compute_hausdorff_distance(y_pred[idx], y[idx], spacing=sp, **hd_args)[:, 0]  # type: ignore[arg-type]
+                hd_mm = hd_mm.double().cpu()
+        return hd_px, hd_mm
 
     def _rows(self) -> torch.Tensor:
         buffer = self.get_buffer()
