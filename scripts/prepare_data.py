@@ -80,6 +80,15 @@ def main(argv: list[str] | None = None) -> dict:
         summary["splits"][name] = counts
         print(f"{name:<11} {counts['cases']:>5} {mode:>5} {counts['slices']:>7} {counts['positive']:>8} "
               f"{counts['negative']:>8} {ambiguous:>9}   ({counts['seconds']} s)")
+        preset = TASKS[args.task]
+        if mode == "eval" and preset.eval_min_fraction is not None:
+            # the same slices without the small-target rule (from the cache), to show what the rule removes
+            unfiltered = build_slice_dataset(splits[name], preset.replace(eval_min_fraction=None), spatial_size=size,
+                                             cache_dir=cache_dir, split="eval")
+            positives = sum(d["label"] for d in unfiltered.data)
+            counts["without_eval_min_fraction"] = {"slices": len(unfiltered), "positive": positives}
+            print(f"{'':<11} {'':>5} {'':>5} {len(unfiltered):>7} {positives:>8} {len(unfiltered) - positives:>8}"
+                  f"             (without eval_min_fraction={preset.eval_min_fraction})")
     with open(out_dir / "summary.json", "w") as f:
         json.dump(summary, f, indent=2)
     return summary

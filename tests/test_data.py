@@ -216,4 +216,4 @@ def test_volume_to_slices_speed(tmp_path):
     ds = build_slice_dataset([item], "brats", spatial_size=(64, 64), split="all")
     elapsed = time.perf_counter() - start
     assert len(ds) == 155 and ds[77]["image"].shape == (1, 64, 64)
-    assert elapsed < 6.0, f"volume -> slices took {elapsed:.2f} s"  # ~1.5 s measured; slack for a shared CPU
+    assert elapsed < 10.0, f"volume -> slices took {elapsed:.2f} s"  # ~1.5 s alone; slack for a loaded shared CPU

@@ -267,9 +267,14 @@ def _keep(item: Mapping, preset: TaskPreset, split: str) -> bool:
     return True
 
 
+# preset fields applied after caching (changing them reuses the cache)
+_FILTER_ONLY_FIELDS = ("min_body_fraction", "eval_min_fraction")
+
+
 def _cache_subdir(cache_dir: str | os.PathLike, preset: TaskPreset, spatial_size) -> Path:
-    # cached slices depend on every preset field and the model size: key the cache folder on them
-    config = {"version": _CACHE_VERSION, "preset": dataclasses.asdict(preset), "spatial_size": list(spatial_size)}
+    # cached slices depend on the preset and the model size, except the fields used only to filter slices
+    fields = {k: v for k, v in dataclasses.asdict(preset).items() if k not in _FILTER_ONLY_FIELDS}
+    config = {"version": _CACHE_VERSION, "preset": fields, "spatial_size": list(spatial_size)}
     digest = hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
     return Path(cache_dir) / f"{preset.name}_{'x'.join(map(str, spatial_size))}_{digest}"
 
