@@ -115,12 +115,13 @@ def test_cam_calling_conventions_and_target_layer_names(clf, images):
 def test_cam_leaves_classifier_untouched(images):
     clf = tiny_classifier()
     clf.train()
+    clf.down_blocks[1].eval()  # a mixed train/eval state must survive as it is
     clf.down_blocks[0].resnets[0].conv1.conv.weight.requires_grad_(False)
     marker = torch.ones_like(clf.out[-1].weight)
     clf.out[-1].weight.grad = marker
     before = {n: (p.requires_grad, p.detach().clone()) for n, p in clf.named_parameters()}
     cam_inferer("gradcam++")(images, clf)
-    assert clf.training
+    assert clf.training and clf.down_blocks[0].training and not clf.down_blocks[1].training
     assert clf.out[-1].weight.grad is marker
     for name, p in clf.named_parameters():
         assert p.requires_grad == before[name][0], name

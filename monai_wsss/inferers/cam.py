@@ -155,7 +155,7 @@ def _parameters_untouched(module: nn.Module, freeze: bool) -> Iterator[None]:
     """
     params = list(module.parameters())
     saved = [(p.requires_grad, p.grad) for p in params]
-    training = module.training
+    modes = [(m, m.training) for m in module.modules()]
     try:
         if freeze:
             for p in params:
@@ -165,7 +165,8 @@ def _parameters_untouched(module: nn.Module, freeze: bool) -> Iterator[None]:
         for p, (requires_grad, grad) in zip(params, saved):
             p.requires_grad_(requires_grad)
             p.grad = grad
-        module.train(training)
+        for m, training in modes:
+            m.training = training
 
 
 class ClassActivationMapInferer(Inferer):
@@ -183,6 +184,12 @@ class ClassActivationMapInferer(Inferer):
     input resolution and min-max normalised per image to [0, 1] by grad-cam (an image whose CAM is
     nowhere positive gives an all-zero map). Larger = more target. ``grad-cam`` is an optional dependency
     (extra ``monai_wsss[baselines]``), imported when the inferer is created.
+
+    Notes: the default layer's output is a residual stream with signed values, whereas GradCAM++'s weights
+    assume non-negative (post-ReLU) activations; for some images it can then yield an all-zero map. ScoreCAM
+    needs one classifier forward pass per channel of the target layer and image (64 for the default
+    NoisyClassifier), about 20-40x the cost of GradCAM; its weights equal grad-cam's ``ScoreCAM`` but are
+    computed batched across images. Inputs of other sizes than the classifier's ``input_shape`` raise.
 
     Args:
         method: ``"gradcam"``, ``"gradcam++"``, ``"scorecam"`` or ``"layercam"`` (case-insensitive).
@@ -202,8 +209,8 @@ class ClassActivationMapInferer(Inferer):
     Raises:
         OptionalImportError: ``grad-cam`` (``pytorch_grad_cam``) cannot be imported.
         ValueError: an unknown ``method``, a negative ``target_class`` or ``timestep``, ``score_batch_size < 1``;
-            at call time: no classifier, an input that is not a float tensor of rank ``spatial_dims + 2`` with
-            one channel, NaN/inf values, a ``target_class`` the classifier does not have, an unknown
+            at call time: no classifier, an input that is not a float tensor of rank ``spatial_dims + 2``, a
+            channel count other than the classifier's ``in_channels``, NaN/inf values, a ``target_class`` the classifier does not have, an unknown
             ``target_layer`` name, or no default layer for the classifier.
 
     Example::
