@@ -23,7 +23,7 @@ from monai_wsss.transforms.slicing import SliceVolumed
 from monai_wsss.transforms.validation import ValidateVolumed
 from monai_wsss.transforms.weak_label import MapTargetLabelsd, WeakSliceLabeld
 
-__all__ = ["TaskPreset", "TASKS", "volume_preprocess", "volume_to_slices", "build_slice_dataset", "SLICE_SPLITS"]
+__all__ = ["ReadableErrorsCompose", "TaskPreset", "TASKS", "volume_preprocess", "volume_to_slices", "build_slice_dataset", "SLICE_SPLITS"]
 
 #: ``split`` values of :py:func:`build_slice_dataset`
 SLICE_SPLITS = ("train", "eval", "all")
@@ -89,6 +89,30 @@ def _preset(task: str | TaskPreset) -> TaskPreset:
     return TASKS[task]
 
 
+def _root_error(err: BaseException) -> BaseException:
+    """The error under MONAI's ``RuntimeError("applying transform ...")`` wrappers (one per Compose level)."""
+    while isinstance(err, RuntimeError) and str(err).startswith("applying transform") and err.__cause__ is not None:
+        err = err.__cause__
+    return err
+
+
+class ReadableErrorsCompose(Compose):
+    """
+    A MONAI ``Compose`` that re-raises bad-input errors (``ValueError``, ``FileNotFoundError``) of its transforms
+    as they are, instead of nested ``RuntimeError("applying transform ...")`` wrappers, so a caller sees
+    (and can catch) the error naming the file. Other errors keep MONAI's wrapping.
+    """
+
+    def __call__(self, input_, start=0, end=None, threading=False, lazy=None):
+        try:
+            return super().__call__(input_, start=start, end=end, threading=threading, lazy=lazy)
+        except RuntimeError as err:
+            root = _root_error(err)
+            if root is err or not isinstance(root, (ValueError, FileNotFoundError)):
+                raise
+            raise root.with_traceback(None) from None
+
+
 def volume_preprocess(task: str | TaskPreset = "brats", image_key: str = "image", seg_key: str = "seg") -> Compose:
     """
     Compose loading and normalising one case: ``{"image": path, "seg": path}`` to
@@ -105,10 +129,11 @@ def volume_preprocess(task: str | TaskPreset = "brats", image_key: str = "image"
         seg_key: key of the mask path.
 
     Returns:
-        a ``Compose``.
+        a :py:class:`ReadableErrorsCompose` (a MONAI ``Compose``).
 
     Raises:
-        ValueError: unknown task (at build time); at call time, see the steps above.
+        ValueError: unknown task (at build time); at call time, see the steps above (raised as themselves,
+            naming the file, not wrapped in MONAI's ``RuntimeError``).
 
     Example::
 
@@ -116,7 +141,7 @@ def volume_preprocess(task: str | TaskPreset = "brats", image_key: str = "image"
         >>> # pre({"image": ".../case_flair.nii.gz", "seg": ".../case_seg.nii.gz"})["image"].shape -> (1, 240, 240, 155)
     """
     preset = _preset(task)
-    return Compose(
+    return ReadableErrorsCompose(
         [
             LoadVolumed([image_key, seg_key], channel=preset.image_channel, allow_missing_keys=True),
             ValidateVolumed(image_key=image_key, seg_key=seg_key, spatial_dims=3),
@@ -159,7 +184,7 @@ def volume_to_slices(
         spatial_size: model-space size.
 
     Returns:
-        a ``Compose`` (its output is a list).
+        a :py:class:`ReadableErrorsCompose` (its output is a list).
 
     Example::
 
@@ -167,7 +192,7 @@ def volume_to_slices(
         >>> # to_slices(item) -> 155 dicts for a BraTS case
     """
     preset = _preset(task)
-    return Compose(
+    return ReadableErrorsCompose(
         [
             _RequireKeysd(["image", "seg"]),
             volume_preprocess(preset),
@@ -187,13 +212,6 @@ def volume_to_slices(
 
 def _identity(x):
     return x
-
-
-def _root_error(err: BaseException) -> BaseException:
-    """The error under MONAI's ``RuntimeError("applying transform ...")`` wrappers (one per Compose level)."""
-    while isinstance(err, RuntimeError) and str(err).startswith("applying transform") and err.__cause__ is not None:
-        err = err.__cause__
-    return err
 
 
 class _UnwrappedErrors(torch.utils.data.Dataset):

@@ -42,7 +42,7 @@ def synthetic_brain_volume(
     never cover every slice, so lesion-free slices exist in every volume.
 
     Args:
-        shape: (H, W, D) volume shape; each side at least 16.
+        shape: (H, W, D) volume shape; H, W at least 16, D at least 4.
         seed: integer seed or a NumPy generator (deterministic output for a given seed).
         num_lesions: number of lesions (``None``: 1 to 3 drawn from the seed; 0: a lesion-free volume).
         outliers: put a few voxels at 32767 inside the brain (as in some raw BraTS FLAIR volumes).
@@ -52,7 +52,7 @@ def synthetic_brain_volume(
         (1 mm voxels, BraTS-like orientation).
 
     Raises:
-        ValueError: a side shorter than 16 or a negative ``num_lesions``.
+        ValueError: a too small shape or a negative ``num_lesions``.
 
     Example::
 
@@ -61,8 +61,8 @@ def synthetic_brain_volume(
         ((64, 64, 32), True)
     """
     shape = tuple(int(s) for s in shape)
-    if len(shape) != 3 or min(shape) < 16:
-        raise ValueError(f"shape must be three sides of at least 16 voxels, got {shape}.")
+    if len(shape) != 3 or min(shape[:2]) < 16 or shape[2] < 4:
+        raise ValueError(f"shape must be (H, W, D) with H, W >= 16 and D >= 4 voxels, got {shape}.")
     if num_lesions is not None and num_lesions < 0:
         raise ValueError(f"num_lesions must be >= 0, got {num_lesions}.")
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
