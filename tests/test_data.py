@@ -217,3 +217,26 @@ def test_volume_to_slices_speed(tmp_path):
     elapsed = time.perf_counter() - start
     assert len(ds) == 155 and ds[77]["image"].shape == (1, 64, 64)
     assert elapsed < 10.0, f"volume -> slices took {elapsed:.2f} s"  # ~1.5 s alone; slack for a loaded shared CPU
+
+
+def test_prepare_data_script(brats_root, tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "prepare_data.py"
+    spec = importlib.util.spec_from_file_location("prepare_data", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out_dir = tmp_path / "prepared"
+    summary = module.main(
+        ["--task", "brats", "--data_dir", str(brats_root), "--out_dir", str(out_dir), "--spatial_size", "32",
+         "--val_fraction", "0.25", "--test_fraction", "0.25"]
+    )
+    printed = capsys.readouterr().out
+    assert "training" in printed and "positive" in printed
+    splits = load_datalist(out_dir / "datalist.json")
+    assert {k: len(v) for k, v in splits.items()} == {"training": 2, "validation": 1, "test": 1}
+    train = build_slice_dataset(splits["training"], "brats", spatial_size=(32, 32), cache_dir=out_dir / "slices")
+    assert summary["splits"]["training"]["slices"] == len(train)
+    assert summary["splits"]["training"]["positive"] == sum(d["label"] for d in train)
+    assert json.loads((out_dir / "summary.json").read_text())["splits"] == summary["splits"]

@@ -217,6 +217,12 @@ def test_dicom_series_folder_loads_through_itk(tmp_path):
     # ITK reports RAS: LPS origin (10, -5, 3) -> (-10, 5, 3), spacing kept
     assert np.allclose(loaded.affine.numpy()[:3, 3], [-10.0, 5.0, 3.0])
     assert np.allclose(np.abs(np.diag(loaded.affine.numpy())[:3]), [1.25, 1.5, 7.7])
+    # ITK and NiBabel read a NIfTI file to the same array and affine
+    nifti = _save(tmp_path / "same.nii.gz", image)
+    by_itk = LoadVolumed("image", reader="ITKReader")({"image": nifti})["image"]
+    by_nibabel = LoadVolumed("image", reader="NibabelReader")({"image": nifti})["image"]
+    assert torch.equal(by_itk.as_tensor(), by_nibabel.as_tensor())
+    assert np.allclose(by_itk.affine.numpy(), by_nibabel.affine.numpy(), atol=1e-4)
     # a CHAOS-style case with a DICOM image folder and a NIfTI mask in the same space builds slices
     kidney = (seg > 0).astype(np.uint8) * 2
     _save(root / "label_4.nii.gz", kidney, affine=loaded.affine.numpy())

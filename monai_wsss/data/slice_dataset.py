@@ -312,7 +312,8 @@ def build_slice_dataset(
     Every case is read once (NiBabel / ITK), normalised, sliced, labelled and moved to model space with
     :py:func:`volume_to_slices`; with ``cache_dir`` the per-case slices are stored by MONAI's
     ``PersistentDataset`` (keyed on the item and on the preset and size), so a later run does not re-read the
-    NIfTI files. The returned dataset holds all slices in memory: no epoch re-reads anything.
+    NIfTI files. The returned dataset holds all slices in memory: no epoch re-reads anything. The cache is
+    keyed on the item's paths, not on file contents: delete the cache folder after replacing files in place.
 
     Splits: ``"train"`` drops ambiguous slices and slices whose brain / body covers less than
     ``min_body_fraction``; ``"eval"`` drops only the latter (ambiguous slices keep ``label = 1``) and, when the
@@ -329,8 +330,11 @@ def build_slice_dataset(
         num_workers: worker processes reading cases (0: in this process).
 
     Returns:
-        a MONAI ``Dataset`` of slice dicts: ``image`` (1, h, w) in [-1, 1], ``seg`` (1, h, w) binary, ``label``
-        0/1, ``slice_index``, ``case``, plus ``ambiguous``, ``body_fraction``, ``target_fraction``.
+        a MONAI ``Dataset`` of slice dicts: ``image`` (1, h, w) float32 in [-1, 1], ``seg`` (1, h, w) float32
+        0/1, ``label`` 0/1 (int), ``slice_index`` (int), ``case`` (str), plus ``ambiguous`` (bool),
+        ``body_fraction`` and ``target_fraction`` (float, of the source slice) and any other item key. Images are
+        plain tensors (fast to collate); to invert model-space outputs per slice, use :py:func:`volume_to_slices`
+        (MetaTensors) or work on volumes with ``VolumeInferer``.
 
     Raises:
         ValueError: unknown task or split, empty ``items``, an item without ``case`` / ``image`` / ``seg``, and
