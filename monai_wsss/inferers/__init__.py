@@ -1,6 +1,7 @@
 from monai_wsss.inferers.cam import CAM_METHODS, ClassActivationMapInferer, TimestepClassifierWrapper, default_cam_target_layer
 from monai_wsss.inferers.condition_difference import ConditionDifferenceInferer
 from monai_wsss.inferers.diffusion_map import DiffusionMapInferer
+from monai_wsss.inferers.ensemble import NoiseEnsembleInferer
 from monai_wsss.inferers.guided_anomaly import GuidedDiffusionAnomalyInferer
 from monai_wsss.inferers.threshold import IntensityThresholdInferer
 from monai_wsss.inferers.volume import VolumeInferer
@@ -12,6 +13,7 @@ __all__ = [
     "DiffusionMapInferer",
     "GuidedDiffusionAnomalyInferer",
     "IntensityThresholdInferer",
+    "NoiseEnsembleInferer",
     "TimestepClassifierWrapper",
     "VolumeInferer",
     "default_cam_target_layer",
