@@ -125,7 +125,9 @@ def test_split_cases_keeps_patients_together_and_is_deterministic():
     splits = split_cases(items, val_fraction=0.1, test_fraction=0.2, seed=0)
     cases = {k: {it["case"] for it in v} for k, v in splits.items()}
     assert len(cases["test"]) == 4 and len(cases["validation"]) == 2 and len(cases["training"]) == 14
-    assert not (cases["test"] & cases["training"] or cases["test"] & cases["validation"] or cases["validation"] & cases["training"])
+    assert not cases["test"] & cases["training"]
+    assert not cases["test"] & cases["validation"]
+    assert not cases["validation"] & cases["training"]
     assert sum(len(v) for v in splits.values()) == len(items)
     assert split_cases(items, seed=0) == splits
     assert split_cases(list(reversed(items)), seed=0)["test"][0]["case"] in cases["test"]  # order-independent

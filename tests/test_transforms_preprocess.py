@@ -1,4 +1,4 @@
-"""Preprocessing transforms: normalisation, label mapping, weak labels, slicing, model space + inverse, loading, bad input."""
+"""Preprocessing transforms: normalisation, labels, weak labels, slicing, model space + inverse, loading, bad input."""
 
 from __future__ import annotations
 
@@ -38,7 +38,8 @@ def _save(path, array, affine=AFFINE):
 @pytest.fixture
 def case_files(tmp_path):
     image, seg, _ = synthetic_brain_volume((40, 36, 12), seed=2, num_lesions=2)
-    return {"image": _save(tmp_path / "c_flair.nii.gz", image), "seg": _save(tmp_path / "c_seg.nii.gz", seg), "case": "c"}
+    image_path = _save(tmp_path / "c_flair.nii.gz", image)
+    return {"image": image_path, "seg": _save(tmp_path / "c_seg.nii.gz", seg), "case": "c"}
 
 
 # ---------------------------------------------------------------- intensity
@@ -64,7 +65,8 @@ def test_nonzero_percentile_scaling_is_robust_to_outliers():
 
 
 def test_nonzero_percentile_scaling_keeps_meta_and_rejects_bad_input():
-    img = MetaTensor(torch.rand(1, 8, 8, 4) + 0.1, affine=torch.as_tensor(AFFINE), meta={"filename_or_obj": "case7_flair.nii.gz"})
+    meta = {"filename_or_obj": "case7_flair.nii.gz"}
+    img = MetaTensor(torch.rand(1, 8, 8, 4) + 0.1, affine=torch.as_tensor(AFFINE), meta=meta)
     out = ScaleIntensityNonzeroPercentilesd("image")({"image": img})["image"]
     assert isinstance(out, MetaTensor) and torch.allclose(out.affine, img.affine)
     bad = img.clone()
@@ -123,7 +125,8 @@ def test_slice_volume_indices_meta_and_filters():
     for s in slices:
         i = s["slice_index"]
         assert s["image"].shape == (1, 6, 5) and s["case"] == "v"
-        assert torch.equal(s["image"].as_tensor(), vol[..., i]) and torch.equal(s["seg"].as_tensor(), (vol[..., i] > 2).float())
+        assert torch.equal(s["image"].as_tensor(), vol[..., i])
+        assert torch.equal(s["seg"].as_tensor(), (vol[..., i] > 2).float())
         # the slice's affine places voxel (x, y) where voxel (x, y, i) of the volume is
         expected = torch.as_tensor(AFFINE) @ torch.tensor([2.0, 3.0, i, 1.0], dtype=torch.float64)
         assert torch.allclose(s["image"].affine @ torch.tensor([2.0, 3.0, 0.0, 1.0], dtype=torch.float64), expected)

@@ -252,7 +252,8 @@ def write_datalist(
 
     Example::
 
-        >>> write_datalist("/tmp/datalist.json", {"training": [{"image": "/data/a.nii.gz", "case": "a"}]})  # doctest: +SKIP
+        >>> splits = {"training": [{"image": "/data/a.nii.gz", "case": "a"}]}
+        >>> write_datalist("/tmp/datalist.json", splits)  # doctest: +SKIP
     """
     if not isinstance(splits, Mapping):
         raise ValueError(f"splits must map split names to lists of items, got {type(splits).__name__}.")

@@ -23,7 +23,15 @@ from monai_wsss.transforms.slicing import SliceVolumed
 from monai_wsss.transforms.validation import ValidateVolumed
 from monai_wsss.transforms.weak_label import MapTargetLabelsd, WeakSliceLabeld
 
-__all__ = ["ReadableErrorsCompose", "TaskPreset", "TASKS", "volume_preprocess", "volume_to_slices", "build_slice_dataset", "SLICE_SPLITS"]
+__all__ = [
+    "ReadableErrorsCompose",
+    "SLICE_SPLITS",
+    "TASKS",
+    "TaskPreset",
+    "build_slice_dataset",
+    "volume_preprocess",
+    "volume_to_slices",
+]
 
 #: ``split`` values of :py:func:`build_slice_dataset`
 SLICE_SPLITS = ("train", "eval", "all")

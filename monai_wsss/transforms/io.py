@@ -80,7 +80,9 @@ class LoadVolumed(MapTransform):
                 img = self.loader(path)
             if channel is not None and img.shape[0] > 1:
                 if not 0 <= channel < img.shape[0]:
-                    raise ValueError(f"key '{key}': channel {channel} out of range for {path} with {img.shape[0]} channels.")
+                    raise ValueError(
+                        f"key '{key}': channel {channel} out of range for {path} with {img.shape[0]} channels."
+                    )
                 img = img[channel : channel + 1]
             d[key] = img
         return d

@@ -53,16 +53,17 @@ def model_space_transform(
     overlap = set(image_keys) & set(seg_keys)
     if overlap:
         raise ValueError(f"keys {sorted(overlap)} are listed both as images and as masks.")
+    missing = allow_missing_keys
     steps = []
     if image_keys:
         steps += [
-            Resized(image_keys, spatial_size, mode="bilinear", anti_aliasing=True, allow_missing_keys=allow_missing_keys),
-            ScaleIntensityRanged(image_keys, a_min=0.0, a_max=1.0, b_min=-1.0, b_max=1.0, allow_missing_keys=allow_missing_keys),
+            Resized(image_keys, spatial_size, mode="bilinear", anti_aliasing=True, allow_missing_keys=missing),
+            ScaleIntensityRanged(image_keys, a_min=0.0, a_max=1.0, b_min=-1.0, b_max=1.0, allow_missing_keys=missing),
         ]
     if seg_keys:
         steps += [
-            Resized(seg_keys, spatial_size, mode="area", allow_missing_keys=allow_missing_keys),
-            AsDiscreted(seg_keys, threshold=0.5, allow_missing_keys=allow_missing_keys),
+            Resized(seg_keys, spatial_size, mode="area", allow_missing_keys=missing),
+            AsDiscreted(seg_keys, threshold=0.5, allow_missing_keys=missing),
         ]
     return Compose(steps)
 

@@ -98,7 +98,9 @@ class SliceVolumed(MapTransform, MultiSampleTrait):
         if slice_axis not in (0, 1, 2, -1, -2, -3):
             raise ValueError(f"slice_axis must be a spatial axis of a 3D volume (0, 1, 2), got {slice_axis}.")
         self.slice_axis = slice_axis % 3
-        if slice_range is not None and (len(slice_range) != 2 or slice_range[0] < 0 or slice_range[1] <= slice_range[0]):
+        if slice_range is not None and (
+            len(slice_range) != 2 or slice_range[0] < 0 or slice_range[1] <= slice_range[0]
+        ):
             raise ValueError(f"slice_range must be (start, stop) with 0 <= start < stop, got {slice_range}.")
         if min_foreground_fraction is not None and not 0.0 <= min_foreground_fraction <= 1.0:
             raise ValueError(f"min_foreground_fraction must be in [0, 1], got {min_foreground_fraction}.")
@@ -112,7 +114,9 @@ class SliceVolumed(MapTransform, MultiSampleTrait):
         # SplitDim counts the channel dimension
         self.splitter = SplitDim(dim=self.slice_axis + 1, keepdim=False, update_meta=True)
 
-    def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> list[dict[Hashable, NdarrayOrTensor]]:  # type: ignore[override]
+    def __call__(  # type: ignore[override]
+        self, data: Mapping[Hashable, NdarrayOrTensor]
+    ) -> list[dict[Hashable, NdarrayOrTensor]]:
         d = dict(data)
         keys = list(self.key_iterator(d))
         if not keys:
@@ -120,14 +124,18 @@ class SliceVolumed(MapTransform, MultiSampleTrait):
         sizes = {}
         for key in keys:
             if d[key].ndim != 4:
-                raise ValueError(f"key '{key}': expected a channel-first 3D volume (C, H, W, D), got shape {tuple(d[key].shape)}.")
+                raise ValueError(
+                    f"key '{key}': expected a channel-first 3D volume (C, H, W, D), got shape {tuple(d[key].shape)}."
+                )
             sizes[key] = int(d[key].shape[self.slice_axis + 1])
         if len(set(sizes.values())) > 1:
             raise ValueError(f"volumes disagree in size along slice axis {self.slice_axis}: {sizes}.")
         n_slices = next(iter(sizes.values()))
         start, stop = (0, n_slices) if self.slice_range is None else self.slice_range
         if stop > n_slices:
-            raise ValueError(f"slice_range {self.slice_range} exceeds the {n_slices} slices along axis {self.slice_axis}.")
+            raise ValueError(
+                f"slice_range {self.slice_range} exceeds the {n_slices} slices along axis {self.slice_axis}."
+            )
         fractions = None
         if self.foreground_key is not None:
             if self.foreground_key not in d:

@@ -75,13 +75,17 @@ class ValidateVolumed(MapTransform):
         img_t = convert_to_tensor(img, track_meta=False)
         if torch.is_floating_point(img_t) and not bool(torch.isfinite(img_t).all()):
             n_bad = int((~torch.isfinite(img_t)).sum())
-            raise ValueError(f"key '{self.image_key}': {source_name(img)} contains {n_bad} NaN or infinite intensities.")
+            raise ValueError(
+                f"key '{self.image_key}': {source_name(img)} contains {n_bad} NaN or infinite intensities."
+            )
         if self.seg_key is None or self.seg_key not in data:
             return data
         seg = data[self.seg_key]
         self._check_rank(self.seg_key, seg)
         if seg.shape[0] != 1:
-            raise ValueError(f"key '{self.seg_key}': {source_name(seg)} has {seg.shape[0]} channels, expected one label map.")
+            raise ValueError(
+                f"key '{self.seg_key}': {source_name(seg)} has {seg.shape[0]} channels, expected one label map."
+            )
         if tuple(seg.shape[1:]) != tuple(img.shape[1:]):
             raise ValueError(
                 f"image {source_name(img)} has spatial shape {tuple(img.shape[1:])} but mask {source_name(seg)} has "
