@@ -1,0 +1,198 @@
+# Copyright (c) monai_wsss contributors. Licensed under the Apache License, Version 2.0.
+"""
+Speed benchmark: per-slice wall time of CDM, CG-CDM and CG-Diff on the same network, batch and device, and the
+time of a whole 240 x 240 x 155 volume through CDM with :class:`~monai_wsss.inferers.VolumeInferer`.
+
+    python -m monai_wsss.benchmark speed --out_dir outputs/speed [--weights bundles/brats_cdm/models/model.pt]
+
+Timing does not depend on the weights' values, so untrained networks of the bundle's architecture are used unless
+weights are given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.networks.schedulers import DDIMScheduler
+
+from monai_wsss.inferers import ConditionDifferenceInferer, GuidedDiffusionAnomalyInferer, VolumeInferer
+from monai_wsss.networks.nets import ConditionalDiffusionUNet, NoisyClassifier
+
+__all__ = ["default_networks", "time_call", "run_speed_benchmark", "main"]
+
+UNET_DEFAULTS = dict(
+    spatial_dims=2,
+    in_channels=1,
+    out_channels=1,
+    num_classes=2,
+    channels=(32, 64, 64),
+    attention_levels=(False, False, True),
+    num_res_blocks=1,
+    num_head_channels=32,
+    norm_num_groups=8,
+)
+
+
+def default_networks(
+    size: int = 64, weights: str | None = None, classifier_weights: str | None = None, device: str = "cpu"
+) -> tuple[ConditionalDiffusionUNet, NoisyClassifier]:
+    """The bundles' default diffusion U-Net and noisy classifier, optionally loaded from checkpoints."""
+    net = ConditionalDiffusionUNet(**UNET_DEFAULTS)
+    clf = NoisyClassifier(spatial_dims=2, in_channels=1, num_classes=2, input_shape=(size, size))
+    for module, path in ((net, weights), (clf, classifier_weights)):
+        if path:
+            module.load_state_dict(torch.load(path, map_location=device, weights_only=True))
+    return net.to(device).eval(), clf.to(device).eval()
+
+
+def time_call(fn, repeats: int = 1) -> float:
+    """Best wall time in seconds of ``repeats`` calls of ``fn`` (after one warm-up call)."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def run_speed_benchmark(
+    batch: int = 8,
+    size: int = 64,
+    cdm_noise_level: int = 200,
+    cdm_steps: int = 10,
+    cdm_guidance: float = 10.0,
+    cgdiff_level: int = 400,
+    cgdiff_guidance: float = 100.0,
+    volume_shape: tuple[int, int, int] = (240, 240, 155),
+    volume_batch: int = 32,
+    weights: str | None = None,
+    classifier_weights: str | None = None,
+    device: str = "cpu",
+) -> dict:
+    """
+    Time every method on one batch of ``batch`` slices and CDM on a whole volume.
+
+    Returns:
+        a dict with seconds per slice of each method, ratios to CDM and the volume time.
+    """
+    net, clf = default_networks(size, weights, classifier_weights, device)
+    sched = DDIMScheduler(num_train_timesteps=1000, schedule="linear_beta", clip_sample=False)
+    x = torch.rand(batch, 1, size, size, generator=torch.Generator().manual_seed(0), device=device) * 2 - 1
+    methods = {
+        "cdm": ConditionDifferenceInferer(sched, noise_level=cdm_noise_level, num_steps=cdm_steps),
+        "cg_cdm": ConditionDifferenceInferer(
+            sched, noise_level=cdm_noise_level, num_steps=cdm_steps, guidance_scale=cdm_guidance, classifier=clf
+        ),
+        "cg_diff": GuidedDiffusionAnomalyInferer(
+            sched, noise_level=cgdiff_level, guidance_scale=cgdiff_guidance, classifier=clf
+        ),
+    }
+    result: dict = {
+        "device": device,
+        "threads": torch.get_num_threads(),
+        "batch": batch,
+        "size": size,
+        "settings": {
+            "cdm": {"noise_level": cdm_noise_level, "num_steps": cdm_steps},
+            "cg_cdm": {"noise_level": cdm_noise_level, "num_steps": cdm_steps, "guidance_scale": cdm_guidance},
+            "cg_diff": {"noise_level": cgdiff_level, "guidance_scale": cgdiff_guidance},
+        },
+        "seconds_per_slice": {},
+    }
+    for name, inferer in methods.items():
+        # the slow method is timed once (after warm-up on a single slice), the fast ones best of 3
+        repeats = 1 if name == "cg_diff" else 3
+        if name == "cg_diff":
+            inferer(x[:1], net)
+            start = time.perf_counter()
+            inferer(x, net)
+            seconds = time.perf_counter() - start
+        else:
+            seconds = time_call(lambda inf=inferer: inf(x, net), repeats)
+        result["seconds_per_slice"][name] = seconds / batch
+    sps = result["seconds_per_slice"]
+    result["ratio_to_cdm"] = {k: v / sps["cdm"] for k, v in sps.items()}
+
+    # a brain-like volume: an ellipsoid filling the middle ~60 % of the slices, empty slices above and below
+    h, w, d = volume_shape
+    zz, yy, xx = np.meshgrid(np.linspace(-1, 1, h), np.linspace(-1, 1, w), np.linspace(-1, 1, d), indexing="ij")
+    brain = (zz / 0.8) ** 2 + (yy / 0.9) ** 2 + (xx / 0.6) ** 2 <= 1
+    volume = torch.as_tensor(brain * np.random.default_rng(0).uniform(0.2, 1.0, brain.shape), dtype=torch.float32)
+    volume = volume[None, None].to(device)
+    vi = VolumeInferer(methods["cdm"], roi_size=(size, size), slice_axis=-1, sw_batch_size=volume_batch)
+    start = time.perf_counter()
+    vi(volume, net)
+    result["volume"] = {
+        "shape": list(volume_shape),
+        "slices_with_body": int(brain.any(axis=(0, 1)).sum()),
+        "cdm_seconds": time.perf_counter() - start,
+        "sw_batch_size": volume_batch,
+    }
+    return result
+
+
+def to_markdown(result: dict) -> str:
+    """The benchmark result as a markdown table."""
+    lines = [
+        f"Device {result['device']}, {result['threads']} threads, batch {result['batch']} slices of "
+        f"{result['size']} x {result['size']}.",
+        "",
+        "| method | setting | s / slice | x CDM |",
+        "|---|---|---|---|",
+    ]
+    for name, sec in result["seconds_per_slice"].items():
+        setting = ", ".join(f"{k}={v}" for k, v in result["settings"][name].items())
+        lines.append(f"| {name} | {setting} | {sec:.3f} | {result['ratio_to_cdm'][name]:.1f} |")
+    vol = result["volume"]
+    lines += [
+        "",
+        f"Whole volume {' x '.join(map(str, vol['shape']))} ({vol['slices_with_body']} slices with body) through CDM: "
+        f"{vol['cdm_seconds']:.1f} s (VolumeInferer, sw_batch_size {vol['sw_batch_size']}).",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m monai_wsss.benchmark speed", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out_dir", default="outputs/speed")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--cdm_noise_level", type=int, default=200)
+    parser.add_argument("--cdm_steps", type=int, default=10)
+    parser.add_argument("--cdm_guidance", type=float, default=10.0)
+    parser.add_argument("--cgdiff_level", type=int, default=400)
+    parser.add_argument("--cgdiff_guidance", type=float, default=100.0)
+    parser.add_argument("--volume_batch", type=int, default=32)
+    parser.add_argument("--weights", default=None)
+    parser.add_argument("--classifier_weights", default=None)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    result = run_speed_benchmark(
+        batch=args.batch,
+        size=args.size,
+        cdm_noise_level=args.cdm_noise_level,
+        cdm_steps=args.cdm_steps,
+        cdm_guidance=args.cdm_guidance,
+        cgdiff_level=args.cgdiff_level,
+        cgdiff_guidance=args.cgdiff_guidance,
+        volume_batch=args.volume_batch,
+        weights=args.weights,
+        classifier_weights=args.classifier_weights,
+        device=args.device,
+    )
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "speed.json").write_text(json.dumps(result, indent=2))
+    (out / "speed.md").write_text(to_markdown(result) + "\n")
+    print(to_markdown(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,398 @@
+# Copyright (c) monai_wsss contributors. Licensed under the Apache License, Version 2.0.
+"""
+The paper's comparison table: every method on the same test slices with the same thresholding.
+
+    python -m monai_wsss.benchmark table --bundle_root bundles/brats_cdm --dataset_dir ../shared/data/brats2018 \
+        --task brats --out_dir outputs/table_brats
+
+For one dataset and one trained bundle (``models/model.pt`` and ``models/classifier.pt`` built from the bundle's
+``train_diffusion.json`` / ``train_classifier.json`` network definitions), the test split of the bundle's own
+case-level split is sliced and moved to model space exactly as in training. A seeded subset of the positive slices
+(``--max_slices``) is scored when the full set would take hours (CG-Diff costs tens of seconds per slice on CPU).
+Every continuous map is post-processed identically: :class:`~monai_wsss.transforms.NormalizeMap` inside the body,
+then a per-slice Otsu threshold. Dice, IoU and HD95 are averaged over positive slices (the paper's protocol; an
+empty prediction has no HD95 and is counted, not scored 0), pixel AUROC/AUPRC are computed from the continuous
+maps inside the body, and seconds per slice are measured in the same run. Stochastic methods (CDM, CG-CDM) are
+repeated with different noise seeds (mean +- std over repeats, as the paper's 4 runs); deterministic methods run once.
+Results: ``table.csv``, ``table.md`` and ``table.png`` (bar chart).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.bundle import ConfigParser
+
+from monai_wsss.bundle import prepare_splits
+from monai_wsss.data import TASKS, build_slice_dataset
+from monai_wsss.inferers import (
+    ClassActivationMapInferer,
+    ConditionDifferenceInferer,
+    GuidedDiffusionAnomalyInferer,
+    IntensityThresholdInferer,
+)
+from monai_wsss.metrics import PixelAUCMetric, SegmentationScores
+from monai_wsss.transforms import NormalizeMap, OtsuThreshold
+
+__all__ = [
+    "MethodSpec",
+    "build_methods",
+    "load_bundle_networks",
+    "load_eval_slices",
+    "evaluate_method",
+    "run_table",
+    "write_table",
+    "main",
+]
+
+ALL_METHODS = (
+    "threshold",
+    "threshold_fixed",
+    "gradcam",
+    "gradcam++",
+    "scorecam",
+    "layercam",
+    "cg_diff",
+    "cfg",
+    "cdm",
+    "cg_cdm",
+)
+
+
+@dataclass
+class MethodSpec:
+    """One row of the table: how to compute a map, how to read it, whether it depends on the noise seed."""
+
+    name: str
+    inferer: Callable[..., torch.Tensor]
+    map_mode: str = "abs"  # NormalizeMap mode
+    stochastic: bool = False
+    fixed_threshold: float | None = None  # None: per-slice Otsu
+    setting: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def load_bundle_networks(bundle_root: str | Path, device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module | None]:
+    """
+    The diffusion network and noisy classifier of a bundle, built from its training configs' ``network_def``
+    and loaded from ``models/model.pt`` / ``models/classifier.pt`` (``weights_only=True``).
+
+    Raises:
+        FileNotFoundError: a missing config or diffusion weights file (named).
+    """
+    root = Path(bundle_root)
+    nets = []
+    for config, weights in (("train_diffusion.json", "model.pt"), ("train_classifier.json", "classifier.pt")):
+        cfg_path, w_path = root / "configs" / config, root / "models" / weights
+        if not cfg_path.is_file():
+            raise FileNotFoundError(f"bundle config not found: {cfg_path}")
+        if not w_path.is_file():
+            if weights == "model.pt":
+                raise FileNotFoundError(f"diffusion weights not found: {w_path}")
+            nets.append(None)
+            continue
+        parser = ConfigParser()
+        parser.read_config(str(cfg_path))
+        net = parser.get_parsed_content("network_def")
+        state = torch.load(w_path, map_location=device, weights_only=True)
+        net.load_state_dict(state)
+        nets.append(net.to(device).eval())
+    return nets[0], nets[1]
+
+
+def load_eval_slices(
+    dataset_dir: str | Path,
+    task: str,
+    split: str = "test",
+    max_slices: int | None = 64,
+    seed: int = 0,
+    split_seed: int = 0,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.2,
+    spatial_size: Sequence[int] = (64, 64),
+    cache_dir: str | Path | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """
+    Positive evaluation slices of one split in model space, a seeded subset of at most ``max_slices``.
+
+    Returns:
+        ``(images, segs, info)``: (N, 1, h, w) images in [-1, 1], (N, 1, h, w) binary masks, and a dict with the
+        number of cases, of positive slices available and of slices used.
+    """
+    splits = prepare_splits(dataset_dir, task, val_fraction, test_fraction, split_seed)
+    if split not in splits or not splits[split]:
+        raise ValueError(f"split {split!r} of {dataset_dir} is empty (splits: { {k: len(v) for k, v in splits.items()} }).")
+    ds = build_slice_dataset(splits[split], task, spatial_size=spatial_size, cache_dir=cache_dir, split="eval")
+    positives = [i for i in range(len(ds)) if float(ds[i]["seg"].sum()) > 0]
+    if not positives:
+        raise ValueError(f"split {split!r} of {dataset_dir} has no slice with target.")
+    rng = np.random.default_rng(seed)
+    chosen = sorted(rng.choice(positives, size=max_slices, replace=False).tolist()) if max_slices and max_slices < len(positives) else positives
+    images = torch.stack([torch.as_tensor(ds[i]["image"]) for i in chosen]).float()
+    segs = torch.stack([torch.as_tensor(ds[i]["seg"]) for i in chosen]).float()
+    info = {
+        "split": split,
+        "cases": len(splits[split]),
+        "positive_slices": len(positives),
+        "slices_used": len(chosen),
+        "cases_used": len({ds[i]["case"] for i in chosen}),
+    }
+    return images, segs, info
+
+
+def build_methods(
+    names: Sequence[str],
+    scheduler,
+    classifier: torch.nn.Module | None,
+    net: torch.nn.Module,
+    noise_level: int = 200,
+    num_steps: int = 10,
+    tau: float = 0.95,
+    guidance_scale: float = 10.0,
+    cgdiff_level: int = 400,
+    cgdiff_guidance: float = 100.0,
+    cfg_scale: float = 3.0,
+    threshold: float = 0.7,
+) -> list[MethodSpec]:
+    """
+    The table's methods by name (see ``ALL_METHODS``).
+
+    Raises:
+        ValueError: an unknown name, a classifier-based method without a classifier, ``cfg`` without a null class.
+    """
+    specs = []
+    for name in names:
+        if name not in ALL_METHODS:
+            raise ValueError(f"unknown method {name!r}; choose from {ALL_METHODS}.")
+        needs_clf = name in ("gradcam", "gradcam++", "scorecam", "layercam", "cg_diff", "cg_cdm")
+        if needs_clf and classifier is None:
+            raise ValueError(f"method {name!r} needs the bundle's classifier (models/classifier.pt).")
+        if name == "threshold":
+            specs.append(MethodSpec(name, IntensityThresholdInferer(percentile=None), setting="FLAIR intensity, Otsu"))
+        elif name == "threshold_fixed":
+            specs.append(
+                MethodSpec(
+                    name,
+                    IntensityThresholdInferer(percentile=99.0, threshold=threshold),
+                    fixed_threshold=threshold,
+                    setting=f"intensity / 99th body percentile > {threshold}",
+                )
+            )
+        elif name in ("gradcam", "gradcam++", "scorecam", "layercam"):
+            specs.append(MethodSpec(name, ClassActivationMapInferer(method=name, target_class=1, timestep=0), setting="classifier at t=0"))
+        elif name == "cdm":
+            inf = ConditionDifferenceInferer(scheduler, noise_level=noise_level, num_steps=num_steps, tau=tau)
+            specs.append(MethodSpec(name, inf, "signed", True, setting=f"Q={noise_level}, R={num_steps}, tau={tau}"))
+        elif name == "cg_cdm":
+            inf = ConditionDifferenceInferer(
+                scheduler, noise_level=noise_level, num_steps=num_steps, tau=tau, guidance_scale=guidance_scale, classifier=classifier
+            )
+            specs.append(MethodSpec(name, inf, "signed", True, setting=f"Q={noise_level}, R={num_steps}, tau={tau}, s={guidance_scale}"))
+        elif name == "cg_diff":
+            inf = GuidedDiffusionAnomalyInferer(scheduler, noise_level=cgdiff_level, guidance_scale=cgdiff_guidance, classifier=classifier)
+            specs.append(MethodSpec(name, inf, setting=f"L={cgdiff_level}, s={cgdiff_guidance}"))
+        elif name == "cfg":
+            if getattr(net, "null_class", None) is None:
+                raise ValueError("method 'cfg' needs a diffusion network trained with a null class (null_class=true).")
+            inf = GuidedDiffusionAnomalyInferer(scheduler, noise_level=cgdiff_level, mode="cfg", cfg_scale=cfg_scale)
+            specs.append(MethodSpec(name, inf, setting=f"L={cgdiff_level}, w={cfg_scale}"))
+    return specs
+
+
+def maps_to_masks(maps: torch.Tensor, images: torch.Tensor, spec: MethodSpec) -> torch.Tensor:
+    """The shared post-processing: normalise inside the body, then per-slice Otsu (or the method's fixed threshold)."""
+    body = (images > -1 + 1e-6).float()  # model space maps intensity 0 (background) to -1
+    if spec.fixed_threshold is not None:
+        return ((maps > spec.fixed_threshold) & (body > 0)).float()
+    norm, otsu = NormalizeMap(mode=spec.map_mode), OtsuThreshold()
+    return torch.stack([torch.as_tensor(otsu(norm(m, body_mask=b), body_mask=b)) for m, b in zip(maps, body)]).float()
+
+
+def evaluate_method(
+    spec: MethodSpec,
+    net: torch.nn.Module,
+    classifier: torch.nn.Module | None,
+    images: torch.Tensor,
+    segs: torch.Tensor,
+    repeats: int = 4,
+    batch_size: int = 16,
+    seed: int = 0,
+) -> dict:
+    """
+    Maps, masks and scores of one method on the slices, ``repeats`` times with different noise seeds for
+    stochastic methods.
+
+    Returns:
+        a table row: Dice / IoU / HD95 mean and std over repeats, missing HD95 count, pixel AUROC / AUPRC and
+        seconds per slice.
+    """
+    device = next(net.parameters()).device
+    runs = []
+    seconds = 0.0
+    for rep in range(repeats if spec.stochastic else 1):
+        scores, auc = SegmentationScores(level="slice"), PixelAUCMetric()
+        for start in range(0, images.shape[0], batch_size):
+            x = images[start : start + batch_size].to(device)
+            y = segs[start : start + batch_size]
+            kwargs = {"classifier": classifier} if classifier is not None else {}
+            if spec.stochastic:
+                kwargs["generator"] = torch.Generator(device=device).manual_seed(seed + 1000 * rep + start)
+            tic = time.perf_counter()
+            maps = spec.inferer(x, net, **kwargs).float().cpu()
+            seconds += time.perf_counter() - tic
+            masks = maps_to_masks(maps, x.cpu(), spec)
+            scores(masks, y)
+            auc(maps if spec.map_mode != "signed" else maps.clamp_min(0), y, body_mask=(x.cpu() > -1 + 1e-6).float())
+        runs.append({**scores.aggregate(), **auc.aggregate()})
+    n_runs = len(runs)
+
+    def stat(key: str) -> tuple[float, float]:
+        vals = np.array([r[key] for r in runs], dtype=float)
+        return float(np.nanmean(vals)), float(np.nanstd(vals)) if n_runs > 1 else 0.0
+
+    row = {"method": spec.name, "setting": spec.setting, "repeats": n_runs, "slices": int(images.shape[0])}
+    for key in ("dice", "iou", "hd95", "auroc", "auprc"):
+        row[key], row[f"{key}_std"] = stat(key)
+    row["hd95_missing"] = float(np.mean([r["num_hd95_missing"] for r in runs]))
+    row["sec_per_slice"] = seconds / (n_runs * images.shape[0])
+    return row
+
+
+def write_table(rows: list[dict], out_dir: str | Path, title: str, info: dict) -> str:
+    """Write ``table.csv``, ``table.md`` and ``table.png``; return the markdown."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "table.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+    def pm(row: dict, key: str, digits: int = 3) -> str:
+        if math.isnan(row[key]):
+            return "n/a"
+        return f"{row[key]:.{digits}f} ± {row[f'{key}_std']:.{digits}f}" if row["repeats"] > 1 else f"{row[key]:.{digits}f}"
+
+    lines = [
+        f"### {title}",
+        "",
+        f"{info['slices_used']} positive slices of {info['cases_used']} {info['split']} cases "
+        f"({info['positive_slices']} positive slices in the split); per-slice Otsu after normalisation inside the body "
+        "unless a fixed threshold is given; mean ± std over noise seeds for stochastic methods.",
+        "",
+        "| method | setting | Dice | mIoU | HD95 (px) | HD95 missing | pixel AUROC | pixel AUPRC | s / slice |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['method']} | {r['setting']} | {pm(r, 'dice')} | {pm(r, 'iou')} | {pm(r, 'hd95', 1)} | "
+            f"{r['hd95_missing']:.0f} | {r['auroc']:.3f} | {r['auprc']:.3f} | {r['sec_per_slice']:.3f} |"
+        )
+    md = "\n".join(lines) + "\n"
+    (out / "table.md").write_text(md)
+    (out / "info.json").write_text(json.dumps(info, indent=2))
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1.0 + 0.8 * len(rows), 3.2))
+    names = [r["method"] for r in rows]
+    ax.bar(names, [r["dice"] for r in rows], yerr=[r["dice_std"] for r in rows], color="tab:blue", capsize=3)
+    ax.set_ylabel("Dice (positive slices)")
+    ax.set_ylim(0, 1)
+    ax.set_title(title, fontsize=9)
+    ax.tick_params(axis="x", rotation=45)
+    fig.tight_layout()
+    fig.savefig(out / "table.png", dpi=120)
+    plt.close(fig)
+    return md
+
+
+def run_table(args: argparse.Namespace) -> tuple[list[dict], str]:
+    """Run the benchmark described by parsed command-line ``args``; see :func:`main`."""
+    from monai.networks.schedulers import DDIMScheduler
+
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    net, clf = load_bundle_networks(args.bundle_root, device)
+    images, segs, info = load_eval_slices(
+        args.dataset_dir,
+        args.task,
+        split=args.split,
+        max_slices=args.max_slices,
+        seed=args.seed,
+        split_seed=args.split_seed,
+        spatial_size=(args.size, args.size),
+        cache_dir=args.cache_dir,
+    )
+    sched = DDIMScheduler(num_train_timesteps=args.num_train_timesteps, schedule="linear_beta", clip_sample=False)
+    methods = [m for m in args.methods if not (m == "cfg" and getattr(net, "null_class", None) is None and args.skip_unavailable)]
+    specs = build_methods(
+        methods,
+        sched,
+        clf,
+        net,
+        noise_level=args.noise_level,
+        num_steps=args.num_steps,
+        tau=args.tau,
+        guidance_scale=args.guidance_scale,
+        cgdiff_level=args.cgdiff_level,
+        cgdiff_guidance=args.cgdiff_guidance,
+        cfg_scale=args.cfg_scale,
+    )
+    rows = []
+    for spec in specs:
+        # CG-Diff takes minutes per batch on CPU: keep its batches small so progress is visible in logs
+        row = evaluate_method(spec, net, clf, images, segs, repeats=args.repeats, batch_size=args.batch_size, seed=args.seed)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    title = f"{args.task}: {args.split} split, {args.size}x{args.size}"
+    md = write_table(rows, args.out_dir, title, info)
+    print(md)
+    return rows, md
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m monai_wsss.benchmark table", description=__doc__.split("\n\n")[0])
+    p.add_argument("--bundle_root", required=True, help="bundle folder with configs/ and models/")
+    p.add_argument("--dataset_dir", required=True, help="dataset folder or datalist JSON")
+    p.add_argument("--task", default="brats", choices=sorted(TASKS))
+    p.add_argument("--split", default="test")
+    p.add_argument("--out_dir", default="outputs/table")
+    p.add_argument("--cache_dir", default=None)
+    p.add_argument("--methods", nargs="+", default=list(ALL_METHODS))
+    p.add_argument("--skip_unavailable", action="store_true", help="drop cfg silently-but-logged when the net has no null class")
+    p.add_argument("--max_slices", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=4)
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split_seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--num_train_timesteps", type=int, default=1000)
+    p.add_argument("--noise_level", type=int, default=200)
+    p.add_argument("--num_steps", type=int, default=10)
+    p.add_argument("--tau", type=float, default=0.95)
+    p.add_argument("--guidance_scale", type=float, default=10.0)
+    p.add_argument("--cgdiff_level", type=int, default=400)
+    p.add_argument("--cgdiff_guidance", type=float, default=100.0)
+    p.add_argument("--cfg_scale", type=float, default=3.0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parser().parse_args(argv)
+    if args.skip_unavailable and "cfg" in args.methods:
+        print("note: 'cfg' is skipped when the bundle's network has no null class")
+    rows, _ = run_table(args)
+    return rows
