@@ -80,3 +80,18 @@ def test_table_writer(tmp_path):
         assert [r["method"] for r in csv.DictReader(f)] == ["cdm", "threshold"]
     assert (tmp_path / "table.png").stat().st_size > 1000
     assert json.loads((tmp_path / "info.json").read_text())["slices_used"] == 8
+
+
+def test_ablation_sweeps_one_parameter_at_a_time_and_writes_plots(tmp_path):
+    from monai_wsss.benchmark.ablation import sweep_settings, write_ablation
+
+    base = {"noise_level": 10, "num_steps": 5, "tau": 0.95, "guidance_scale": 0.0, "ensemble": 1}
+    settings = sweep_settings(base, {"noise_level": [2, 10, 20], "tau": [0.9, 0.95]})
+    assert [p for p, _ in settings] == ["noise_level", "noise_level", "tau", "tau"]  # Q=2 < R=5 is skipped
+    for param, setting in settings:
+        assert all(setting[k] == v for k, v in base.items() if k != param)
+    rows = [{"parameter": p, **s, "dice": 0.1 * i, "dice_std": 0.01, "iou": 0.05, "hd95": 3.0, "auroc": 0.8}
+            for i, (p, s) in enumerate(settings)]
+    write_ablation(rows, tmp_path, {"slices_used": 4, "split": "validation", "cases_used": 1})
+    assert (tmp_path / "ablation.png").stat().st_size > 1000
+    assert "| 0.9 | 0.200 ± 0.010 |" in (tmp_path / "ablation.md").read_text()
