@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 
 import nibabel as nib
 import numpy as np
@@ -208,17 +207,15 @@ def test_slice_cache_avoids_rereading(brats_root, tmp_path):
         build_slice_dataset(items, "brats", spatial_size=(16, 16), cache_dir=tmp_path / "cache")
 
 
-def test_volume_to_slices_speed(tmp_path):
-    """A BraTS-sized 240 x 240 x 155 volume goes to 155 model-space slice dicts in about a second."""
+def test_brats_sized_volume_to_slices(tmp_path):
+    """A BraTS-sized 240 x 240 x 155 volume gives 155 model-space slices (speed is measured by the benchmark, not here)."""
     image, seg, affine = synthetic_brain_volume((240, 240, 155), seed=0)
     nib.save(nib.Nifti1Image(image, affine), str(tmp_path / "v_flair.nii.gz"))
     nib.save(nib.Nifti1Image(seg, affine), str(tmp_path / "v_seg.nii.gz"))
     item = {"image": str(tmp_path / "v_flair.nii.gz"), "seg": str(tmp_path / "v_seg.nii.gz"), "case": "v"}
-    start = time.perf_counter()
     ds = build_slice_dataset([item], "brats", spatial_size=(64, 64), split="all")
-    elapsed = time.perf_counter() - start
     assert len(ds) == 155 and ds[77]["image"].shape == (1, 64, 64)
-    assert elapsed < 10.0, f"volume -> slices took {elapsed:.2f} s"  # ~1.5 s alone; slack for a loaded shared CPU
+    assert sorted(int(ds[i]["slice_index"]) for i in range(len(ds))) == list(range(155))
 
 
 def test_prepare_data_script(brats_root, tmp_path, capsys):
