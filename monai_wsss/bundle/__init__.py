@@ -1,0 +1,24 @@
+# Copyright (c) monai_wsss contributors. Licensed under the Apache License, Version 2.0.
+"""Helpers the MONAI bundles (``bundles/*/configs``) call by name; usable from Python as well."""
+
+from monai_wsss.bundle.handlers import ExponentialMovingAverage, SeededEvaluation, ema_copy
+from monai_wsss.bundle.utils import (
+    BUNDLE_TASKS,
+    distributed_rank,
+    latest_checkpoint,
+    prepare_splits,
+    select_slices,
+    verify_bundle_networks,
+)
+
+__all__ = [
+    "BUNDLE_TASKS",
+    "ExponentialMovingAverage",
+    "SeededEvaluation",
+    "distributed_rank",
+    "ema_copy",
+    "latest_checkpoint",
+    "prepare_splits",
+    "select_slices",
+    "verify_bundle_networks",
+]

@@ -1,0 +1,227 @@
+# Copyright (c) monai_wsss contributors. Licensed under the Apache License, Version 2.0.
+"""Functions the bundle configs call: dataset splits, validation slice selection, checkpoint discovery, ranks."""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.data import Dataset
+
+from monai_wsss.data import build_brats_datalist, build_chaos_datalist, load_datalist, split_cases, write_datalist
+
+__all__ = [
+    "prepare_splits",
+    "select_slices",
+    "latest_checkpoint",
+    "distributed_rank",
+    "verify_bundle_networks",
+    "BUNDLE_TASKS",
+]
+
+#: task name of a bundle -> function listing the cases of a dataset folder
+BUNDLE_TASKS = {"brats": build_brats_datalist, "chaos": build_chaos_datalist}
+
+
+def prepare_splits(
+    dataset_dir: str | os.PathLike,
+    task: str = "brats",
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    datalist_file: str | os.PathLike | None = None,
+) -> dict[str, list[dict]]:
+    """
+    Case-level training / validation / test splits of a dataset, as the bundle configs use them.
+
+    ``dataset_dir`` is either a dataset folder (BraTS or Decathlon Task01 layout for ``task="brats"``, the CHAOS
+    NIfTI layout for ``task="chaos"``), split with :py:func:`~monai_wsss.data.split_cases`, or a datalist JSON
+    (e.g. one written by an earlier run), loaded as is. With ``datalist_file`` the splits are written there, so
+    that inference and evaluation can reuse exactly the same cases.
+
+    Args:
+        dataset_dir: dataset folder or datalist JSON file.
+        task: ``"brats"`` or ``"chaos"`` (which folder layout to read).
+        val_fraction: fraction of cases for validation.
+        test_fraction: fraction of cases for testing.
+        seed: split seed.
+        datalist_file: optional JSON file to write the splits to (parent folders are created).
+
+    Returns:
+        ``{"training": [...], "validation": [...], "test": [...]}`` of ``{"image", "seg", "case"}`` items.
+
+    Raises:
+        ValueError: unknown ``task``, or a datalist JSON without a ``"training"`` split.
+        FileNotFoundError: ``dataset_dir`` does not exist (and the errors of the datalist builders).
+
+    Example::
+
+        >>> splits = prepare_splits("../shared/data/brats2018", "brats", seed=0)  # doctest: +SKIP
+        >>> {k: len(v) for k, v in splits.items()}  # doctest: +SKIP
+        {'training': 21, 'validation': 3, 'test': 6}
+    """
+    if task not in BUNDLE_TASKS:
+        raise ValueError(f"unknown task {task!r}, expected one of {sorted(BUNDLE_TASKS)}.")
+    path = Path(dataset_dir)
+    if not path.exists():
+        raise FileNotFoundError(f"dataset_dir not found: {path} (pass --dataset_dir <folder or datalist.json>).")
+    if path.is_file():
+        splits = load_datalist(path)
+        if "training" not in splits:
+            raise ValueError(f"datalist {path} has no 'training' split (splits: {sorted(splits)}).")
+        for name in ("validation", "test"):
+            splits.setdefault(name, [])
+    else:
+        items = BUNDLE_TASKS[task](path)
+        splits = split_cases(items, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
+    if datalist_file is not None:
+        write_datalist(datalist_file, splits)
+    return splits
+
+
+def select_slices(
+    dataset: Sequence[Mapping], label: int | None = None, max_slices: int | None = None, seed: int = 0
+) -> Dataset:
+    """
+    A fixed subset of a slice dataset, e.g. the positive validation slices that the weakly supervised Dice is
+    computed on (Dice is undefined on slices without target, and running a diffusion map on every slice each
+    validation round is slow on a CPU).
+
+    Args:
+        dataset: slice dicts with a ``"label"`` entry (e.g. from :py:func:`~monai_wsss.data.build_slice_dataset`).
+        label: keep only slices with this weak label (``None``: all).
+        max_slices: keep at most this many, drawn without replacement with ``seed`` (``None`` or 0: all), in
+            their original order.
+        seed: seed of the draw, so every validation round sees the same slices.
+
+    Returns:
+        a MONAI ``Dataset`` of the selected slice dicts.
+
+    Raises:
+        ValueError: a negative ``max_slices``, a slice without ``"label"`` when filtering by label, or nothing
+            left to select.
+
+    Example::
+
+        >>> ds = [{"label": i % 2} for i in range(10)]
+        >>> len(select_slices(ds, label=1, max_slices=3))
+        3
+    """
+    if max_slices is not None and max_slices < 0:
+        raise ValueError(f"max_slices must be >= 0 or None, got {max_slices}.")
+    items = [dataset[i] for i in range(len(dataset))]
+    if label is not None:
+        for i, item in enumerate(items):
+            if "label" not in item:
+                raise ValueError(f"slice {i} has no 'label' entry to select label={label} by.")
+        items = [item for item in items if int(item["label"]) == int(label)]
+    if not items:
+        raise ValueError(f"no slice to select (label={label}, dataset of {len(dataset)} slices).")
+    if max_slices and len(items) > max_slices:
+        keep = np.sort(np.random.default_rng(seed).choice(len(items), size=max_slices, replace=False))
+        items = [items[i] for i in keep]
+    return Dataset(data=items)
+
+
+_STEP = re.compile(r"_(epoch|iteration)=(\d+)\.pt$")
+
+
+def latest_checkpoint(ckpt_dir: str | os.PathLike, prefix: str = "checkpoint", check: bool = True) -> str | None:
+    """
+    The newest interval checkpoint written by MONAI's ``CheckpointSaver`` (``<prefix>_epoch=N.pt`` or
+    ``<prefix>_iteration=N.pt``) in a folder, to resume a run from.
+
+    A run killed while writing a checkpoint leaves a truncated newest file next to the previous one (the saver
+    deletes the old file only after writing the new one); with ``check`` such a file is skipped, with a warning,
+    and the previous checkpoint is returned.
+
+    Args:
+        ckpt_dir: folder of the checkpoints (may not exist yet).
+        prefix: file name prefix (``CheckpointSaver`` names interval checkpoints ``checkpoint_epoch=N.pt``).
+        check: load each candidate (``weights_only=True``) and skip unreadable ones.
+
+    Returns:
+        the path of the readable checkpoint with the highest step number, or ``None`` when there is none
+        (a fresh run).
+
+    Example::
+
+        >>> latest_checkpoint("/nonexistent") is None
+        True
+    """
+    folder = Path(ckpt_dir)
+    if not folder.is_dir():
+        return None
+    found = []
+    for path in folder.glob(f"{prefix}_*.pt"):
+        match = _STEP.search(path.name)
+        if match:
+            found.append((int(match.group(2)), path.stat().st_mtime, str(path)))
+    for _, _, path in sorted(found, reverse=True):
+        if not check:
+            return path
+        try:
+            torch.load(path, map_location="cpu", weights_only=True)
+            return path
+        except Exception as err:  # a truncated or foreign file: fall back to the previous checkpoint
+            warnings.warn(f"skipping unreadable checkpoint {path}: {err}", stacklevel=2)
+    return None
+
+
+def distributed_rank() -> int:
+    """This process's rank in the default process group, 0 when not distributed (per-rank seeds, rank-0 logging)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return int(torch.distributed.get_rank())
+    return 0
+
+
+def verify_bundle_networks(bundle_dir: str | os.PathLike, device: str | torch.device = "cpu") -> None:
+    """
+    Run MONAI's ``verify_net_in_out`` on both networks of a monai_wsss bundle: the diffusion network of
+    ``train_diffusion.json`` against ``network_data_format`` (with the extra forward arguments ``timesteps`` and
+    ``class_labels``), and the noisy classifier of ``train_classifier.json`` against ``classifier_data_format``
+    (with ``timesteps``).
+
+    Args:
+        bundle_dir: the bundle folder (holding ``configs/``).
+        device: device of the check.
+
+    Raises:
+        FileNotFoundError: a config file is missing.
+        ValueError: a network's output channels or dtype differ from the metadata (from ``verify_net_in_out``).
+
+    Example::
+
+        >>> verify_bundle_networks("bundles/brats_cdm")  # doctest: +SKIP
+    """
+    from monai.bundle import ConfigParser, verify_net_in_out
+
+    configs = Path(bundle_dir) / "configs"
+    meta_file = configs / "metadata.json"
+    for name in ("metadata.json", "train_diffusion.json", "train_classifier.json"):
+        if not (configs / name).is_file():
+            raise FileNotFoundError(f"bundle config not found: {configs / name}")
+    meta = ConfigParser.load_config_file(meta_file)
+    if "classifier_data_format" not in meta:
+        raise ValueError(f"{meta_file} has no 'classifier_data_format'.")
+    one = torch.ones(1, dtype=torch.long, device=device)
+    verify_net_in_out(
+        net_id="network_def",
+        meta_file=str(meta_file),
+        config_file=str(configs / "train_diffusion.json"),
+        device=device,
+        extra_forward_args={"timesteps": one * 10, "class_labels": one},
+    )
+    verify_net_in_out(
+        net_id="network_def",
+        meta_file=str(meta_file),
+        config_file=str(configs / "train_classifier.json"),
+        device=device,
+        extra_forward_args={"timesteps": one * 10},
+        **{"_meta_#network_data_format": meta["classifier_data_format"]},
+    )
