@@ -13,7 +13,14 @@ import numpy as np
 import torch
 from monai.data import Dataset
 
-from monai_wsss.data import build_brats_datalist, build_chaos_datalist, load_datalist, split_cases, write_datalist
+from monai_wsss.data import (
+    TaskPreset,
+    build_brats_datalist,
+    build_chaos_datalist,
+    load_datalist,
+    split_cases,
+    write_datalist,
+)
 
 __all__ = [
     "prepare_splits",
@@ -30,7 +37,7 @@ BUNDLE_TASKS = {"brats": build_brats_datalist, "chaos": build_chaos_datalist}
 
 def prepare_splits(
     dataset_dir: str | os.PathLike,
-    task: str = "brats",
+    task: str | TaskPreset = "brats",
     val_fraction: float = 0.1,
     test_fraction: float = 0.2,
     seed: int = 0,
@@ -46,7 +53,8 @@ def prepare_splits(
 
     Args:
         dataset_dir: dataset folder or datalist JSON file.
-        task: ``"brats"`` or ``"chaos"`` (which folder layout to read).
+        task: ``"brats"`` or ``"chaos"`` (which folder layout to read), or a :py:class:`~monai_wsss.data.TaskPreset`
+            of one of them (its ``name`` is used).
         val_fraction: fraction of cases for validation.
         test_fraction: fraction of cases for testing.
         seed: split seed.
@@ -65,6 +73,7 @@ def prepare_splits(
         >>> {k: len(v) for k, v in splits.items()}  # doctest: +SKIP
         {'training': 21, 'validation': 3, 'test': 6}
     """
+    task = task.name if isinstance(task, TaskPreset) else task
     if task not in BUNDLE_TASKS:
         raise ValueError(f"unknown task {task!r}, expected one of {sorted(BUNDLE_TASKS)}.")
     path = Path(dataset_dir)

@@ -1,0 +1,262 @@
+"""Training side of the bundles: metadata, network I/O, every training config on synthetic data, resume, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from monai.bundle import ConfigParser, run, verify_metadata
+
+from monai_wsss.bundle import (
+    ExponentialMovingAverage,
+    SeededEvaluation,
+    ema_copy,
+    latest_checkpoint,
+    prepare_splits,
+    select_slices,
+    verify_bundle_networks,
+)
+from monai_wsss.data import make_synthetic_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLES = {"brats": REPO / "bundles" / "brats_cdm", "chaos": REPO / "bundles" / "chaos_kidney_cdm"}
+SCHEMA = REPO / "bundles" / "schema" / "meta_schema_monai_wsss.json"
+TRAIN_CONFIGS = ("train_diffusion.json", "train_classifier.json")
+REQUIRED_FILES = (
+    "configs/metadata.json", "configs/train_diffusion.json", "configs/train_classifier.json",
+    "configs/multi_gpu_train_diffusion.json", "configs/multi_gpu_train_classifier.json", "configs/logging.conf",
+    "LICENSE",
+)
+# a few iterations at 32 x 32 with a 2-step CDM validation on a handful of slices
+FAST = {"max_epochs": 1, "epoch_length": 2, "batch_size": 4, "progress_bar": False, "spatial_size": [32, 32]}
+FAST_VALIDATION = {
+    "train_diffusion.json": {"val_interval": 1, "val_max_slices": 4, "validate#num_steps": 2, "validate#noise_level": 20},
+    "train_classifier.json": {"val_batch_size": 16},
+}
+
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory):
+    """Synthetic cases in the BraTS layout and the same volumes in the CHAOS layout (seg label 2 = "kidney")."""
+    root = tmp_path_factory.mktemp("synthetic")
+    items = make_synthetic_dataset(root / "brats", num_cases=5, shape=(48, 48, 16), seed=0)
+    chaos = root / "chaos"
+    chaos.mkdir()
+    for i, item in enumerate(items):
+        shutil.copy(item["image"], chaos / f"image_{i + 1}.nii.gz")
+        shutil.copy(item["seg"], chaos / f"label_{i + 1}.nii.gz")
+    return {"brats": str(root / "brats"), "chaos": str(chaos)}
+
+
+def run_config(bundle: str, config: str, dataset_dir: str, bundle_root: Path, **overrides) -> None:
+    args = {**FAST, **FAST_VALIDATION[config], **overrides}
+    run(config_file=str(BUNDLES[bundle] / "configs" / config), bundle_root=str(bundle_root), dataset_dir=dataset_dir, **args)
+
+
+def config_of(bundle: str, config: str, **overrides) -> ConfigParser:
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLES[bundle] / "configs" / config))
+    parser.read_meta(str(BUNDLES[bundle] / "configs" / "metadata.json"))
+    parser.update(overrides)
+    return parser
+
+
+@pytest.mark.parametrize("bundle", sorted(BUNDLES))
+def test_bundle_layout_metadata_and_network_io(bundle, tmp_path):
+    for name in REQUIRED_FILES:
+        assert (BUNDLES[bundle] / name).is_file(), f"{bundle} lacks {name}"
+    # the local schema file makes verify_metadata run offline (it downloads only when the file is missing)
+    schema = tmp_path / "schema.json"
+    shutil.copy(SCHEMA, schema)
+    verify_metadata(meta_file=str(BUNDLES[bundle] / "configs" / "metadata.json"), filepath=str(schema))
+    verify_bundle_networks(BUNDLES[bundle])
+    meta = json.loads((BUNDLES[bundle] / "configs" / "metadata.json").read_text())
+    assert meta["classifier_data_format"]["outputs"]["pred"]["num_channels"] == 2
+
+
+def test_metadata_missing_a_mandatory_key_fails(tmp_path):
+    meta = json.loads((BUNDLES["brats"] / "configs" / "metadata.json").read_text())
+    del meta["network_data_format"]["inputs"]["image"]["dtype"]
+    (tmp_path / "metadata.json").write_text(json.dumps(meta))
+    shutil.copy(SCHEMA, tmp_path / "schema.json")
+    with pytest.raises(ValueError, match="dtype"):
+        verify_metadata(meta_file=str(tmp_path / "metadata.json"), filepath=str(tmp_path / "schema.json"))
+
+
+@pytest.mark.parametrize("bundle", sorted(BUNDLES))
+def test_default_hyper_parameters(bundle):
+    diffusion = config_of(bundle, "train_diffusion.json")
+    net = diffusion.get_parsed_content("network_def")
+    assert 1.0e6 < sum(p.numel() for p in net.parameters()) < 1.2e6
+    assert diffusion["spatial_size"] == [64, 64] and diffusion["batch_size"] == 16
+    assert diffusion["learning_rate"] == pytest.approx(2e-4)
+    assert diffusion["scheduler"]["num_train_timesteps"] == 1000 and diffusion["scheduler"]["schedule"] == "linear_beta"
+    assert diffusion["task"] == {"brats": "brats", "chaos": "chaos"}[bundle]
+
+
+def _load_state(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.mark.parametrize("bundle", sorted(BUNDLES))
+def test_train_diffusion_runs_validates_and_saves(bundle, datasets, tmp_path):
+    # the synthetic "kidneys" are small: keep the CHAOS evaluation slices under 5 % target as well
+    task = {"brats": "brats", "chaos": "$monai_wsss.data.TASKS['chaos'].replace(eval_min_fraction=None)"}[bundle]
+    run_config(bundle, "train_diffusion.json", datasets[bundle], tmp_path, use_ema=True, ema_decay=0.5, task=task)
+    models, out = tmp_path / "models", tmp_path / "outputs" / "train_diffusion"
+    checkpoint = _load_state(out / "checkpoints" / "checkpoint_epoch=1.pt")
+    assert checkpoint["trainer"]["iteration"] == 2 and checkpoint["trainer"]["epoch_length"] == 2
+    assert {"network", "optimizer", "ema"} <= set(checkpoint)
+    assert checkpoint["ema"]["num_updates"] == 2
+    net = config_of(bundle, "train_diffusion.json", spatial_size=[32, 32]).get_parsed_content("network_def")
+    for name in ("model.pt", "model_final.pt"):
+        state = _load_state(models / name)
+        net.load_state_dict(state)  # plain state_dict, strict
+    # the saved model is the EMA average, not the raw weights
+    ema_weight = checkpoint["ema"]["ema_network"]["conv_in.conv.weight"]
+    assert torch.equal(_load_state(models / "model_final.pt")["conv_in.conv.weight"], ema_weight)
+    assert not torch.equal(checkpoint["network"]["conv_in.conv.weight"], ema_weight)
+    assert list(out.glob("events.out.tfevents.*")), "no TensorBoard log"
+    splits = json.loads((out / "datalist.json").read_text())
+    cases = {k: {it["case"] for it in v} for k, v in splits.items()}
+    assert cases["training"] and cases["validation"] and not cases["training"] & cases["validation"]
+
+
+@pytest.mark.parametrize("bundle", sorted(BUNDLES))
+def test_train_classifier_runs_and_saves(bundle, datasets, tmp_path):
+    run_config(bundle, "train_classifier.json", datasets[bundle], tmp_path, max_timestep=100)
+    clf = config_of(bundle, "train_classifier.json", spatial_size=[32, 32]).get_parsed_content("network_def")
+    for name in ("classifier.pt", "classifier_final.pt"):
+        clf.load_state_dict(_load_state(tmp_path / "models" / name))
+    checkpoint = _load_state(tmp_path / "outputs" / "train_classifier" / "checkpoints" / "checkpoint_epoch=1.pt")
+    assert checkpoint["trainer"]["iteration"] == 2
+
+
+def _cli(config: str, dataset_dir: str, bundle_root: Path, extra: dict, prefix=()) -> list[str]:
+    args = {**FAST, **FAST_VALIDATION[config], **extra}
+    cmd = [*prefix, "-m", "monai.bundle", "run", "--config_file", str(BUNDLES["brats"] / "configs" / config)]
+    cmd += ["--bundle_root", str(bundle_root), "--dataset_dir", dataset_dir]
+    for key, value in args.items():
+        cmd += [f"--{key}", json.dumps(value) if isinstance(value, list) else str(value)]
+    return cmd
+
+
+@pytest.mark.slow
+def test_resume_after_a_killed_run_loses_no_epoch(datasets, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = _cli("train_diffusion.json", datasets["brats"], tmp_path, {"max_epochs": 1000, "val_interval": 1000})
+    ckpt_dir = tmp_path / "outputs" / "train_diffusion" / "checkpoints"
+    proc = subprocess.Popen([sys.executable, *cmd], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 240
+        while latest_checkpoint(ckpt_dir) is None or "epoch=1.pt" in latest_checkpoint(ckpt_dir):
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.time() < deadline, "no checkpoint of epoch 2 within 240 s"
+            time.sleep(0.5)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    state = _load_state(latest_checkpoint(ckpt_dir))["trainer"]
+    done = state["iteration"] // state["epoch_length"]  # ignite stores the iteration, the epoch follows
+    assert done >= 2
+    run_config("brats", "train_diffusion.json", datasets["brats"], tmp_path, max_epochs=done + 1, val_interval=1000)
+    final = _load_state(latest_checkpoint(ckpt_dir))["trainer"]
+    # continued from the saved epoch: one more epoch of 2 iterations, none repeated, none skipped
+    assert final["iteration"] == (done + 1) * FAST["epoch_length"]
+
+
+@pytest.mark.slow
+def test_two_process_gloo_training(datasets, tmp_path):
+    configs = json.dumps([str(BUNDLES["brats"] / "configs" / n) for n in ("train_diffusion.json", "multi_gpu_train_diffusion.json")])
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd = _cli("train_diffusion.json", datasets["brats"], tmp_path, {"max_epochs": 2, "use_ema": True}, prefix=torchrun)
+    cmd[cmd.index("--config_file") + 1] = configs
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "val_dice" in result.stdout + result.stderr
+    checkpoint = _load_state(tmp_path / "outputs" / "train_diffusion" / "checkpoints" / "checkpoint_epoch=2.pt")
+    # each rank ran 2 iterations per epoch on its half of the data
+    assert checkpoint["trainer"]["iteration"] == 4
+    assert (tmp_path / "models" / "model.pt").is_file()
+
+
+def test_tracking_mlflow_override(datasets, tmp_path):
+    pytest.importorskip("mlflow")
+    run(
+        config_file=str(BUNDLES["brats"] / "configs" / "train_classifier.json"), bundle_root=str(tmp_path),
+        dataset_dir=datasets["brats"], tracking="mlflow", **FAST, **FAST_VALIDATION["train_classifier.json"],
+    )
+    assert (tmp_path / "outputs" / "train_classifier" / "mlruns.db").is_file()
+
+
+def test_prepare_splits_folder_json_and_errors(datasets, tmp_path):
+    splits = prepare_splits(datasets["brats"], "brats", seed=0, datalist_file=tmp_path / "d.json")
+    assert sum(len(v) for v in splits.values()) == 5
+    again = prepare_splits(tmp_path / "d.json", "brats")
+    assert [i["case"] for i in again["validation"]] == [i["case"] for i in splits["validation"]]
+    assert len(prepare_splits(datasets["chaos"], "chaos")["training"]) == 3
+    with pytest.raises(ValueError, match="unknown task"):
+        prepare_splits(datasets["brats"], "liver")
+    with pytest.raises(FileNotFoundError, match="dataset_dir"):
+        prepare_splits(tmp_path / "missing", "brats")
+
+
+def test_select_slices_is_a_fixed_subset():
+    data = [{"label": i % 3 == 0, "i": i} for i in range(30)]
+    chosen = select_slices(data, label=1, max_slices=4, seed=1)
+    ids = [d["i"] for d in chosen]
+    assert len(ids) == 4 and all(i % 3 == 0 for i in ids) and ids == sorted(ids)
+    assert ids == [d["i"] for d in select_slices(data, label=1, max_slices=4, seed=1)]
+    with pytest.raises(ValueError, match="no slice"):
+        select_slices(data[:2], label=7)
+
+
+def test_latest_checkpoint_skips_a_truncated_file(tmp_path):
+    assert latest_checkpoint(tmp_path / "none") is None
+    torch.save({"trainer": {"iteration": 3}}, tmp_path / "checkpoint_epoch=3.pt")
+    (tmp_path / "checkpoint_epoch=4.pt").write_bytes(b"PK\x03\x04 truncated")  # a run killed while saving
+    (tmp_path / "other_epoch=9.pt").write_bytes(b"")
+    with pytest.warns(UserWarning, match="epoch=4"):
+        assert latest_checkpoint(tmp_path).endswith("checkpoint_epoch=3.pt")
+
+
+def test_ema_average_and_state():
+    net = torch.nn.Linear(2, 1)
+    ema_net = ema_copy(net)
+    assert not any(p.requires_grad for p in ema_net.parameters())
+    ema = ExponentialMovingAverage(net, ema_net, decay=0.5)
+    start = net.weight.detach().clone()
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    ema.update()  # first update: d = min(0.5, 1 / 10) = 0.1
+    torch.testing.assert_close(ema_net.weight, 0.1 * start + 0.9 * net.weight.detach())
+    restored = ExponentialMovingAverage(net, ema_copy(torch.nn.Linear(2, 1)), decay=0.5)
+    restored.load_state_dict(ema.state_dict())
+    assert restored.num_updates == 1 and torch.equal(restored.ema_network.weight, ema_net.weight)
+    with pytest.raises(ValueError, match="decay"):
+        ExponentialMovingAverage(net, ema_net, decay=1.0)
+    with pytest.raises(ValueError, match="same parameters"):
+        ExponentialMovingAverage(net, torch.nn.Linear(3, 1))
+
+
+def test_seeded_evaluation_repeats_noise_and_restores_the_stream():
+    seeded = SeededEvaluation(seed=5)
+    torch.manual_seed(0)
+    seeded.seed_rng()
+    first = torch.rand(3)
+    seeded.restore_rng()
+    after_first = torch.rand(3)
+    torch.manual_seed(0)
+    assert torch.equal(torch.rand(3), after_first)  # the training stream continues as if nothing ran
+    seeded.seed_rng()
+    assert torch.equal(torch.rand(3), first)  # every evaluation round draws the same noise
+    seeded.restore_rng()
