@@ -100,6 +100,11 @@ def test_default_hyper_parameters(bundle):
     assert diffusion["learning_rate"] == pytest.approx(2e-4)
     assert diffusion["scheduler"]["num_train_timesteps"] == 1000 and diffusion["scheduler"]["schedule"] == "linear_beta"
     assert diffusion["task"] == {"brats": "brats", "chaos": "chaos"}[bundle]
+    # AMP and torch.compile are CUDA-only switches: the same config stays valid on CPU with them on
+    for config in TRAIN_CONFIGS:
+        flags = config_of(bundle, config, use_amp=True, use_compile=True)
+        cuda = torch.cuda.is_available()
+        assert flags.get_parsed_content("amp") is cuda and flags.get_parsed_content("compile") is cuda
 
 
 def _load_state(path: Path) -> dict:
@@ -110,13 +115,16 @@ def _load_state(path: Path) -> dict:
 def test_train_diffusion_runs_validates_and_saves(bundle, datasets, tmp_path):
     # the synthetic "kidneys" are small: keep the CHAOS evaluation slices under 5 % target as well
     task = {"brats": "brats", "chaos": "$monai_wsss.data.TASKS['chaos'].replace(eval_min_fraction=None)"}[bundle]
-    run_config(bundle, "train_diffusion.json", datasets[bundle], tmp_path, use_ema=True, ema_decay=0.5, task=task)
+    # CHAOS also trains the null class of classifier-free guidance (label dropout)
+    cfg = {"null_class": True, "label_dropout": 0.2} if bundle == "chaos" else {}
+    run_config(bundle, "train_diffusion.json", datasets[bundle], tmp_path, use_ema=True, ema_decay=0.5, task=task, **cfg)
     models, out = tmp_path / "models", tmp_path / "outputs" / "train_diffusion"
     checkpoint = _load_state(out / "checkpoints" / "checkpoint_epoch=1.pt")
     assert checkpoint["trainer"]["iteration"] == 2 and checkpoint["trainer"]["epoch_length"] == 2
     assert {"network", "optimizer", "ema"} <= set(checkpoint)
     assert checkpoint["ema"]["num_updates"] == 2
-    net = config_of(bundle, "train_diffusion.json", spatial_size=[32, 32]).get_parsed_content("network_def")
+    net = config_of(bundle, "train_diffusion.json", spatial_size=[32, 32], **cfg).get_parsed_content("network_def")
+    assert net.class_embedding.num_embeddings == (3 if cfg else 2)
     for name in ("model.pt", "model_final.pt"):
         state = _load_state(models / name)
         net.load_state_dict(state)  # plain state_dict, strict
