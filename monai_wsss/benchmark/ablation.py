@@ -73,7 +73,11 @@ def run_ablation(args: argparse.Namespace) -> list[dict]:
     )
     sched = DDIMScheduler(num_train_timesteps=1000, schedule="linear_beta", clip_sample=False)
     base = {"noise_level": args.noise_level, "num_steps": args.num_steps, "tau": args.tau, "guidance_scale": 0.0, "ensemble": 1}
-    sweeps = {k: v for k, v in SWEEPS.items() if k in args.params}
+    grid = {**SWEEPS, **(json.loads(args.grid) if args.grid else {})}
+    unknown = set(grid) - set(SWEEPS)
+    if unknown:
+        raise ValueError(f"--grid names unknown parameters {sorted(unknown)}; known: {list(SWEEPS)}.")
+    sweeps = {k: v for k, v in grid.items() if k in args.params}
     if "guidance_scale" in sweeps and clf is None:
         raise ValueError("sweeping guidance_scale needs the bundle's classifier (models/classifier.pt).")
     rows, cache = [], {}
@@ -134,6 +138,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out_dir", default="outputs/ablation")
     p.add_argument("--cache_dir", default=None)
     p.add_argument("--params", nargs="+", default=list(SWEEPS), choices=list(SWEEPS))
+    p.add_argument("--grid", default=None, help='JSON values overriding the default sweeps, e.g. \'{"tau": [0.9, 0.95]}\'')
     p.add_argument("--max_slices", type=int, default=64)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--batch_size", type=int, default=32)
