@@ -160,13 +160,18 @@ def test_resume_after_a_killed_run_loses_no_epoch(datasets, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = _cli("train_diffusion.json", datasets["brats"], tmp_path, {"max_epochs": 1000, "val_interval": 1000})
     ckpt_dir = tmp_path / "outputs" / "train_diffusion" / "checkpoints"
-    proc = subprocess.Popen([sys.executable, *cmd], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = tmp_path / "killed_run.log"  # a file, not a pipe: a full pipe would block the child
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, *cmd], env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + 240
-        while latest_checkpoint(ckpt_dir) is None or "epoch=1.pt" in latest_checkpoint(ckpt_dir):
-            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        newest = None
+        # wait for the checkpoint of epoch 2 or later (the saver writes the new file before removing the old one)
+        while newest is None or newest.endswith("epoch=1.pt"):
+            assert proc.poll() is None, log.read_text()[-2000:]
             assert time.time() < deadline, "no checkpoint of epoch 2 within 240 s"
             time.sleep(0.5)
+            newest = latest_checkpoint(ckpt_dir)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
