@@ -1,0 +1,41 @@
+# Copyright (c) monai_wsss contributors. Licensed under the Apache License, Version 2.0.
+"""Ready-made applications: whole-volume segmentation and evaluation (what the bundles' inference and evaluate
+configs call), method selection by name, input listing, weight loading, reports and overlays."""
+
+from monai_wsss.apps.inputs import VOLUME_TASKS, list_volumes, load_weights, locate_bundle_root
+from monai_wsss.apps.methods import (
+    CLASSIFIER_METHODS,
+    METHODS,
+    NETWORK_METHODS,
+    build_method_inferer,
+    default_map_mode,
+)
+from monai_wsss.apps.pipeline import THRESHOLD_MODES, VolumeSegmentationPipeline
+from monai_wsss.apps.reports import (
+    VolumeEvaluation,
+    format_summary_table,
+    save_overlay,
+    select_overlay_slices,
+    write_csv,
+    write_summary_markdown,
+)
+
+__all__ = [
+    "CLASSIFIER_METHODS",
+    "METHODS",
+    "NETWORK_METHODS",
+    "THRESHOLD_MODES",
+    "VOLUME_TASKS",
+    "VolumeEvaluation",
+    "VolumeSegmentationPipeline",
+    "build_method_inferer",
+    "default_map_mode",
+    "format_summary_table",
+    "list_volumes",
+    "load_weights",
+    "locate_bundle_root",
+    "save_overlay",
+    "select_overlay_slices",
+    "write_csv",
+    "write_summary_markdown",
+]

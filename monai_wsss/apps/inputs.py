@@ -1,0 +1,269 @@
+# Copyright (c) monai_wsss contributors. Licensed under the Apache License, Version 2.0.
+"""What a segmentation run reads: the volumes to segment, the bundle folder, the trained weights."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from monai_wsss.data import build_brats_datalist, build_chaos_datalist, load_datalist
+
+__all__ = ["VOLUME_TASKS", "list_volumes", "locate_bundle_root", "load_weights"]
+
+#: tasks whose dataset folders :py:func:`list_volumes` can read
+VOLUME_TASKS = ("brats", "chaos")
+
+_NIFTI = (".nii.gz", ".nii")
+
+
+def _nifti_stem(path: Path) -> str | None:
+    for ext in _NIFTI:
+        if path.name.endswith(ext):
+            return path.name[: -len(ext)]
+    return None
+
+
+def _single_volume(image: str | os.PathLike, seg: str | os.PathLike | None) -> list[dict]:
+    path = Path(image)
+    if not path.exists():
+        raise FileNotFoundError(f"image not found: {path}")
+    if path.is_file() and _nifti_stem(path) is None:
+        raise ValueError(f"image must be a NIfTI file (.nii / .nii.gz) or a DICOM series folder, got {path}")
+    item = {"image": str(path.resolve()), "case": _nifti_stem(path) or path.name}
+    if seg is not None:
+        seg_path = Path(seg)
+        if not seg_path.exists():
+            raise FileNotFoundError(f"seg (ground-truth mask) not found: {seg_path}")
+        item["seg"] = str(seg_path.resolve())
+    return [item]
+
+
+def list_volumes(
+    dataset_dir: str | os.PathLike | None = None,
+    image: str | os.PathLike | None = None,
+    seg: str | os.PathLike | None = None,
+    task: str = "brats",
+    split: str | None = None,
+    modality: str = "flair",
+    require_seg: bool = False,
+) -> list[dict]:
+    """
+    The volumes a segmentation run works on, as datalist items ``{"image": path, "case": id[, "seg": path]}``.
+
+    Exactly one source is given:
+
+    - ``dataset_dir`` a folder: every case in it, read by the task's layout (``"brats"``: BraTS
+      ``<case>/<case>_<modality>.nii.gz`` or Decathlon Task01 ``dataset.json`` + ``imagesTr/``; ``"chaos"``:
+      ``image_<N>.nii.gz`` + ``label_<N>.nii.gz``); masks are picked up when present.
+    - ``dataset_dir`` a datalist JSON (e.g. the ``datalist.json`` a training run writes): the items of ``split``
+      (default ``"test"``).
+    - ``dataset_dir`` or ``image`` a single NIfTI file (``seg`` optionally gives its mask).
+
+    Args:
+        dataset_dir: dataset folder, datalist JSON or NIfTI file.
+        image: a single NIfTI file (alternative to ``dataset_dir``).
+        seg: ground-truth mask of a single file.
+        task: ``"brats"`` or ``"chaos"`` (folder layout).
+        split: split of a datalist JSON (default ``"test"``); only for datalists.
+        modality: BraTS image suffix (``flair``, ``t1``, ``t1ce``, ``t2``).
+        require_seg: every item must have a ground-truth mask (evaluation).
+
+    Returns:
+        list of items, in the folder's / datalist's order.
+
+    Raises:
+        ValueError: no source or two sources, an unknown task, ``split`` or ``seg`` given where they do not
+            apply, an empty split, a file that is not NIfTI / JSON, or a case without mask when ``require_seg``.
+        FileNotFoundError: a path that does not exist (and the errors of the dataset readers).
+
+    Example::
+
+        items = list_volumes("../shared/data/brats2018", task="brats")       # a folder of cases
+        items = list_volumes(image="BraTS_case_flair.nii.gz")                 # one volume
+        items = list_volumes("outputs/train_diffusion/datalist.json", split="test")
+    """
+    if task not in VOLUME_TASKS:
+        raise ValueError(f"unknown task {task!r}, expected one of {VOLUME_TASKS}.")
+    if dataset_dir is None and image is None:
+        raise ValueError(
+            "no input volumes: pass --dataset_dir <folder | datalist.json | NIfTI file> or --image <NIfTI file>."
+        )
+    if dataset_dir is not None and image is not None:
+        raise ValueError(f"pass either dataset_dir ({dataset_dir}) or image ({image}), not both.")
+    source = Path(dataset_dir if dataset_dir is not None else image)  # type: ignore[arg-type]
+    if not source.exists():
+        name = "dataset_dir" if dataset_dir is not None else "image"
+        raise FileNotFoundError(f"{name} not found: {source}")
+    if source.is_file() and source.name.endswith(".json"):
+        kind = "datalist"
+    elif source.is_dir() and image is None and not (task == "chaos" and source.name.startswith("image_")):
+        kind = "folder"
+    else:
+        kind = "single"  # a NIfTI file (or a DICOM series folder given as --image)
+    if split is not None and kind != "datalist":
+        raise ValueError(f"split={split!r} applies to a datalist JSON only, but the input is {source}.")
+    if seg is not None and kind != "single":
+        raise ValueError(f"seg={seg} applies to a single image only, but the input is {source}.")
+
+    if kind == "datalist":
+        splits = load_datalist(source)
+        name = "test" if split is None else split
+        if name not in splits:
+            raise ValueError(f"datalist {source} has no split {name!r} (splits: {sorted(splits)}); pass --datalist_split.")
+        items = [dict(it) for it in splits[name]]
+        if not items:
+            raise ValueError(f"split {name!r} of datalist {source} is empty.")
+        for i, item in enumerate(items):
+            if "image" not in item:
+                raise ValueError(f"datalist {source}: split {name!r} item {i} has no 'image'.")
+            item.setdefault("case", _nifti_stem(Path(item["image"])) or Path(item["image"]).name)
+    elif kind == "folder":
+        if task == "brats":
+            items = build_brats_datalist(source, modality=modality, require_seg=False)
+        else:
+            items = build_chaos_datalist(source, require_seg=False)
+    else:
+        items = _single_volume(source, seg)
+
+    if require_seg:
+        missing = [str(it.get("case", it["image"])) for it in items if not it.get("seg")]
+        if missing:
+            raise ValueError(
+                f"evaluation needs a ground-truth mask for every volume; none for case(s) {missing[:5]}"
+                f"{' ...' if len(missing) > 5 else ''} (pass --seg for a single image, or use inference.json)."
+            )
+    return items
+
+
+def _config_file_from_argv(argv: Sequence[str]) -> Path | None:
+    """The first ``--config_file`` path of a ``python -m monai.bundle run`` command line (lists allowed)."""
+    for i, arg in enumerate(argv):
+        value = None
+        if arg == "--config_file" and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith("--config_file="):
+            value = arg.split("=", 1)[1]
+        if value is None:
+            continue
+        # a list is passed as "['a.json','b.json']"
+        first = value.strip().strip("[]").split(",")[0].strip().strip("'\"")
+        try:
+            first = shlex.split(first)[0] if first else first
+        except ValueError:
+            pass
+        return Path(first) if first else None
+    return None
+
+
+def locate_bundle_root(name: str, argv: Sequence[str] | None = None) -> str:
+    """
+    The folder of a bundle of this repository, so that ``python -m monai.bundle run --config_file
+    bundles/<name>/configs/inference.json`` finds ``models/`` wherever it is started from.
+
+    In order: the bundle of the ``--config_file`` on the command line (``<bundle>/configs/*.json``); the working
+    directory when it is a bundle (``configs/`` inside, the MONAI model-zoo convention); the repository copy
+    ``bundles/<name>`` next to the installed package; else ``"."``. ``--bundle_root`` on the command line
+    overrides all of this, as in every MONAI bundle.
+
+    Args:
+        name: the bundle's folder name, e.g. ``"brats_cdm"``.
+        argv: command line to read ``--config_file`` from (default ``sys.argv``).
+
+    Returns:
+        the bundle folder as a string.
+
+    Example::
+
+        "bundle_root": "$monai_wsss.apps.locate_bundle_root('brats_cdm')"
+    """
+    config_file = _config_file_from_argv(sys.argv if argv is None else argv)
+    if config_file is not None and config_file.parent.name == "configs" and config_file.parent.is_dir():
+        return str(config_file.parent.parent)
+    if Path("configs").is_dir():
+        return "."
+    repo_copy = Path(__file__).resolve().parents[2] / "bundles" / name
+    if (repo_copy / "configs").is_dir():
+        return str(repo_copy)
+    return "."
+
+
+def _state_dict_of(obj: object, path: Path) -> dict:
+    """The network weights inside a checkpoint: a bare state dict, or one under a usual key."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"checkpoint {path} holds a {type(obj).__name__}, not a state dict.")
+    for key in ("model", "network", "state_dict", "net"):
+        if key in obj and isinstance(obj[key], dict):
+            return obj[key]
+    if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj
+    raise ValueError(f"checkpoint {path} has no network weights (keys: {sorted(obj)[:8]}).")
+
+
+def load_weights(
+    network: torch.nn.Module,
+    path: str | os.PathLike,
+    device: torch.device | str | None = None,
+    name: str = "network",
+) -> torch.nn.Module:
+    """
+    Load trained weights into a network built from a bundle's ``network_def`` and return it in eval mode.
+
+    Accepts what MONAI's ``CheckpointSaver`` writes (a bare state dict for one saved object, or a dict with
+    ``"model"`` / ``"network"``). A checkpoint that does not fit the network raises an error naming the file,
+    and a class-embedding mismatch says whether the weights were trained with a null class (needed by the
+    classifier-free ``cfg`` method).
+
+    Args:
+        network: the network to fill.
+        path: checkpoint file (``torch.load(..., weights_only=True)``).
+        device: device to load onto (default: CPU).
+        name: what the network is, for error messages (``"diffusion model"``, ``"noisy classifier"``).
+
+    Returns:
+        ``network`` on ``device``, in eval mode.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: the file is not a checkpoint of a network of this architecture.
+
+    Example::
+
+        net = load_weights(ConditionalDiffusionUNet(...), "bundles/brats_cdm/models/model.pt", "cpu")
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"{name} weights not found: {file} (train them with the bundle's train config, or pass the path "
+            "with --model_path / --classifier_path)."
+        )
+    device = torch.device("cpu") if device is None else torch.device(device)
+    try:
+        obj = torch.load(file, map_location=device, weights_only=True)
+    except Exception as err:  # a corrupt or foreign file: one line naming it
+        raise ValueError(f"cannot read {name} checkpoint {file}: {type(err).__name__}: {err}") from None
+    state = _state_dict_of(obj, file)
+    own = network.state_dict()
+    key = "class_embedding.weight"
+    if key in own and key in state and own[key].shape[0] != state[key].shape[0]:
+        n_net, n_ckpt = own[key].shape[0], state[key].shape[0]
+        null_net = getattr(network, "null_class", None) is not None
+        raise ValueError(
+            f"{name} checkpoint {file} has {n_ckpt} class embeddings but the network has {n_net} "
+            f"(null_class={'true' if null_net else 'false'}): the weights were trained "
+            f"{'without' if n_ckpt < n_net else 'with'} a null class; set --null_class "
+            f"{'false' if n_ckpt < n_net else 'true'} to match (method 'cfg' needs weights trained with one)."
+        )
+    try:
+        network.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        detail = " ".join(line.strip() for line in str(err).strip().splitlines()[1:3])[:400]
+        raise ValueError(
+            f"{name} checkpoint {file} does not fit {type(network).__name__} as configured ({detail} ...); "
+            "the network definition must match the one it was trained with."
+        ) from None
+    return network.to(device).eval()

@@ -1,0 +1,164 @@
+# Copyright (c) monai_wsss contributors. Licensed under the Apache License, Version 2.0.
+"""The segmentation methods a bundle can run, by name, built from one set of hyper-parameters."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from monai_wsss.inferers import ConditionDifferenceInferer, GuidedDiffusionAnomalyInferer, IntensityThresholdInferer
+
+__all__ = ["METHODS", "CLASSIFIER_METHODS", "NETWORK_METHODS", "build_method_inferer", "default_map_mode"]
+
+#: method names: CDM, classifier-guided CDM, classifier-guided diffusion (Wolleb et al.), classifier-free guided
+#: diffusion (Sanchez et al.), and the intensity-threshold baseline (no network)
+METHODS = ("cdm", "cg_cdm", "cg_diff", "cfg", "threshold")
+#: methods that need the noisy classifier
+CLASSIFIER_METHODS = ("cg_cdm", "cg_diff")
+#: methods that need the diffusion network
+NETWORK_METHODS = ("cdm", "cg_cdm", "cg_diff", "cfg")
+
+
+def _check_method(method: str) -> None:
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}, expected one of {METHODS}.")
+
+
+def default_map_mode(method: str, task: str = "brats") -> str | None:
+    """
+    How a method's raw map becomes a ``[0, 1]`` map before thresholding (``NormalizeMap`` mode).
+
+    CDM and CG-CDM give a signed map, positive where the target class makes the image brighter: ``"signed"`` for
+    hyperintense targets (BraTS FLAIR tumours), ``"abs"`` where the sign is not known to be one-sided (CHAOS
+    kidney on T2-SPIR). CG-Diff and classifier-free maps are ``|x - x_hat| >= 0``: ``"abs"``. The threshold
+    baseline is kept on its own scale (``None``: no normalisation, then a fixed threshold).
+
+    Args:
+        method: one of :py:data:`METHODS`.
+        task: ``"brats"`` or ``"chaos"``.
+
+    Returns:
+        ``"signed"``, ``"abs"`` or None.
+
+    Raises:
+        ValueError: unknown method.
+
+    Example::
+
+        >>> default_map_mode("cdm", "brats"), default_map_mode("cg_diff")
+        ('signed', 'abs')
+    """
+    _check_method(method)
+    if method == "threshold":
+        return None
+    if method in ("cdm", "cg_cdm"):
+        return "signed" if task == "brats" else "abs"
+    return "abs"
+
+
+def build_method_inferer(
+    method: str,
+    scheduler=None,
+    network: torch.nn.Module | None = None,
+    classifier: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    noise_level: int = 200,
+    num_steps: int = 10,
+    tau: float = 0.95,
+    guidance_scale: float = 10.0,
+    cgdiff_level: int = 400,
+    cgdiff_guidance: float = 100.0,
+    cfg_scale: float = 3.0,
+    target_class: int = 1,
+    reference_class: int = 0,
+    threshold_percentile: float | None = 99.0,
+    verbose: bool = False,
+) -> Callable[..., torch.Tensor]:
+    """
+    The 2D inferer of a method, ``inferer(x0, network) -> map``, with its hyper-parameters.
+
+    - ``"cdm"``: :py:class:`~monai_wsss.inferers.ConditionDifferenceInferer`, noise level ``noise_level`` (Q),
+      ``num_steps`` (R), ``tau``, no guidance.
+    - ``"cg_cdm"``: the same with classifier guidance ``guidance_scale`` (s > 0), needs ``classifier``.
+    - ``"cg_diff"``: :py:class:`~monai_wsss.inferers.GuidedDiffusionAnomalyInferer` in classifier mode, encoding
+      level ``cgdiff_level`` (L), guidance ``cgdiff_guidance``, needs ``classifier``.
+    - ``"cfg"``: the same in classifier-free mode with weight ``cfg_scale``; needs a network trained with a
+      null class.
+    - ``"threshold"``: :py:class:`~monai_wsss.inferers.IntensityThresholdInferer` (the image intensity relative
+      to its ``threshold_percentile``; no network).
+
+    The classifier is attached to the inferer as its default, so the inferer is called as
+    ``inferer(x0, network)``.
+
+    Args:
+        method: one of :py:data:`METHODS`.
+        scheduler: the MONAI scheduler the diffusion network was trained with (not needed for ``"threshold"``).
+        network: the diffusion network, checked against the method (classes, null class).
+        classifier: the noisy classifier (``"cg_cdm"``, ``"cg_diff"``).
+        noise_level: CDM noise level Q (timestep index).
+        num_steps: CDM DDIM steps R.
+        tau: CDM interpolation weight.
+        guidance_scale: CG-CDM classifier guidance scale s.
+        cgdiff_level: CG-Diff / classifier-free encoding level L.
+        cgdiff_guidance: CG-Diff classifier guidance scale.
+        cfg_scale: classifier-free guidance weight w.
+        target_class: class of the target (1).
+        reference_class: healthy class (0).
+        threshold_percentile: percentile of the threshold baseline (``None``: raw intensity).
+        verbose: progress bars over the diffusion steps.
+
+    Returns:
+        the inferer.
+
+    Raises:
+        ValueError: unknown method; missing scheduler, network or classifier for the method; ``cg_cdm`` with
+            ``guidance_scale <= 0``; ``cfg`` with a network without a null class; and the inferers' own
+            hyper-parameter checks.
+
+    Example::
+
+        inferer = build_method_inferer("cdm", scheduler, net, noise_level=200, num_steps=10, tau=0.95)
+        amap = inferer(x0, net)
+    """
+    _check_method(method)
+    if method == "threshold":
+        return IntensityThresholdInferer(percentile=threshold_percentile)
+    if scheduler is None:
+        raise ValueError(f"method {method!r} needs the diffusion scheduler the network was trained with.")
+    if network is None:
+        raise ValueError(f"method {method!r} needs the diffusion network (model_path).")
+    if method in CLASSIFIER_METHODS and classifier is None:
+        raise ValueError(
+            f"method {method!r} needs the noisy classifier (classifier_path, trained with train_classifier.json)."
+        )
+    if method == "cfg" and getattr(network, "null_class", None) is None:
+        raise ValueError(
+            "method 'cfg' (classifier-free guidance) needs a diffusion network trained with a null class "
+            "(train_diffusion.json with --null_class true --label_dropout 0.1, then infer with --null_class true); "
+            f"this {type(network).__name__} has none (null_class=false). Use cdm, cg_cdm or cg_diff instead."
+        )
+    if method in ("cdm", "cg_cdm"):
+        scale = 0.0 if method == "cdm" else float(guidance_scale)
+        if method == "cg_cdm" and scale <= 0:
+            raise ValueError(f"method 'cg_cdm' needs guidance_scale > 0, got {guidance_scale} (0 is plain 'cdm').")
+        return ConditionDifferenceInferer(
+            scheduler,
+            noise_level=noise_level,
+            num_steps=num_steps,
+            tau=tau,
+            target_class=target_class,
+            reference_class=reference_class,
+            guidance_scale=scale,
+            classifier=classifier if method == "cg_cdm" else None,
+            verbose=verbose,
+        )
+    return GuidedDiffusionAnomalyInferer(
+        scheduler,
+        noise_level=cgdiff_level,
+        guidance_scale=float(cgdiff_guidance),
+        healthy_class=reference_class,
+        mode="classifier" if method == "cg_diff" else "cfg",
+        cfg_scale=cfg_scale,
+        classifier=classifier if method == "cg_diff" else None,
+        verbose=verbose,
+    )

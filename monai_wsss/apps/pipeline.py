@@ -1,0 +1,369 @@
+# Copyright (c) monai_wsss contributors. Licensed under the Apache License, Version 2.0.
+"""Volume in, map + mask in the volume's space out: the inference / evaluation pipeline of the bundles."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.data.utils import create_file_basename
+from monai.transforms import LoadImage
+from monai.utils import convert_to_tensor
+
+from monai_wsss.apps.reports import VolumeEvaluation, save_overlay, write_csv, write_summary_markdown
+from monai_wsss.data import TASKS, TaskPreset, volume_preprocess
+from monai_wsss.inferers import VolumeInferer
+from monai_wsss.transforms import NormalizeMap, OtsuThreshold, map_writer, otsu_thresholds
+
+__all__ = ["VolumeSegmentationPipeline", "THRESHOLD_MODES"]
+
+logger = logging.getLogger(__name__)
+
+#: string values of ``threshold``: per-slice Otsu, or one dataset-level threshold (mean of the per-slice Otsu
+#: thresholds of all maps of a run, the CDM paper's "average Otsu")
+THRESHOLD_MODES = ("otsu", "average_otsu")
+
+# inferer attributes worth reporting, in this order
+_SETTINGS = ("noise_level", "num_steps", "tau", "guidance_scale", "mode", "cfg_scale", "percentile")
+
+
+def _preset(task: str | TaskPreset) -> TaskPreset:
+    if isinstance(task, TaskPreset):
+        return task
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}, expected one of {sorted(TASKS)} or a TaskPreset.")
+    return TASKS[task]
+
+
+def _finite(x: Any) -> Any:
+    """JSON-friendly value: nan / inf floats become None."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+class VolumeSegmentationPipeline:
+    """
+    Weakly supervised segmentation of whole volumes with any 2D inferer of this package (CDM, CG-CDM,
+    CG-Diff, classifier-free guidance, CAMs, intensity threshold): a volume file in, a continuous map and a
+    binary mask out, both in the input's space (same shape and affine), plus optional evaluation reports.
+
+    Per volume: :py:func:`~monai_wsss.data.volume_preprocess` (load, task label mapping, ``[0, 1]`` inside the
+    body by percentiles), :py:class:`~monai_wsss.inferers.VolumeInferer` (batches of model-space slices, slices
+    without body skipped), :py:class:`~monai_wsss.transforms.NormalizeMap` inside the body (per slice), then
+    :py:class:`~monai_wsss.transforms.OtsuThreshold` per slice, or one threshold for all volumes of a
+    :py:meth:`run` (``threshold="average_otsu"``), or a fixed float.
+
+    Args:
+        network: the 2D network passed to the inferer (None for the intensity-threshold baseline).
+        inferer: ``inferer(x, network, **kwargs) -> map`` on model-space slice batches, e.g. from
+            :py:func:`~monai_wsss.apps.build_method_inferer`.
+        task: ``"brats"``, ``"chaos"`` or a :py:class:`~monai_wsss.data.TaskPreset` (label mapping, slice axis,
+            the CHAOS rule of leaving small-target slices out of the slice scores).
+        roi_size: model-space slice size, the size the network was trained at.
+        sw_batch_size: slices per inferer call.
+        map_mode: ``NormalizeMap`` mode (``"signed"``, ``"abs"``, ``"minmax"``) or None to keep the raw map (for
+            a fixed threshold on the map's own scale, e.g. the intensity baseline).
+        threshold: ``"otsu"`` (per slice), ``"average_otsu"`` (one threshold per :py:meth:`run`) or a float.
+        largest_component: keep only the largest connected component of each slice's mask.
+        classifier: passed as ``classifier=`` to every inferer call (not needed when the inferer holds one).
+        device: device of the inference (default: the network's, else CPU).
+        seed: seed of the diffusion noise, re-seeded for each volume (results do not depend on the order).
+        progress: show progress bars over slice batches.
+
+    Raises:
+        ValueError: unknown task, ``map_mode`` or ``threshold``; a non-callable inferer.
+
+    Example::
+
+        inferer = build_method_inferer("cdm", scheduler, net, noise_level=200, num_steps=10, tau=0.95)
+        pipe = VolumeSegmentationPipeline(net, inferer, task="brats", roi_size=(64, 64))
+        out = pipe.segment({"image": "case_flair.nii.gz"})     # out["map"], out["mask"]: (1, 240, 240, 155)
+        result = pipe.run(list_volumes("brats_folder/"), "outputs/eval", evaluate=True, num_overlays=3)
+        result["summary"]["slice_dice"]
+    """
+
+    def __init__(
+        self,
+        network: torch.nn.Module | None,
+        inferer: Callable[..., torch.Tensor],
+        task: str | TaskPreset = "brats",
+        roi_size: Sequence[int] | int = (64, 64),
+        sw_batch_size: int = 32,
+        map_mode: str | None = "signed",
+        threshold: str | float = "otsu",
+        largest_component: bool = False,
+        classifier: Callable[..., torch.Tensor] | None = None,
+        device: torch.device | str | None = None,
+        seed: int = 0,
+        progress: bool = False,
+    ) -> None:
+        if not callable(inferer):
+            raise ValueError(f"`inferer` must be callable as inferer(x, network, ...), got {type(inferer).__name__}.")
+        self.preset = _preset(task)
+        if isinstance(threshold, str):
+            if threshold not in THRESHOLD_MODES:
+                raise ValueError(f"`threshold` must be one of {THRESHOLD_MODES} or a number, got {threshold!r}.")
+        elif not isinstance(threshold, (int, float)) or not math.isfinite(float(threshold)):
+            raise ValueError(f"`threshold` must be one of {THRESHOLD_MODES} or a finite number, got {threshold!r}.")
+        self.network = network
+        self.inferer = inferer
+        self.slice_axis = self.preset.slice_axis
+        self.normalizer = None if map_mode in (None, "none") else NormalizeMap(mode=map_mode, slice_axis=self.slice_axis)
+        self.map_mode = None if self.normalizer is None else map_mode
+        self.threshold = threshold if isinstance(threshold, str) else float(threshold)
+        self.largest_component = bool(largest_component)
+        self.classifier = classifier
+        if device is None:
+            params = [] if network is None else list(network.parameters())
+            device = params[0].device if params else torch.device("cpu")
+        self.device = torch.device(device)
+        self.seed = int(seed)
+        self.volume_inferer = VolumeInferer(
+            inferer=inferer,
+            roi_size=roi_size,
+            slice_axis=self.slice_axis,
+            sw_batch_size=sw_batch_size,
+            skip_empty=True,
+            sw_device=self.device,
+            progress=progress,
+        )
+        self.preprocess = volume_preprocess(self.preset)
+        try:
+            self._takes_generator = "generator" in inspect.signature(inferer).parameters
+        except (TypeError, ValueError):  # builtins without a signature
+            self._takes_generator = False
+
+    # ---- one volume ---------------------------------------------------------------------------------------
+    def load(self, item: Mapping | str | os.PathLike) -> dict:
+        """
+        Load and normalise one case: ``{"image": path[, "seg": path]}`` (or a path) to MetaTensors
+        ``image`` ``(1, H, W, D)`` in ``[0, 1]`` (0 outside the body) and binary ``seg`` (when given).
+
+        Raises:
+            ValueError, FileNotFoundError: from :py:func:`~monai_wsss.data.volume_preprocess`, naming the file.
+        """
+        data = {"image": str(item)} if isinstance(item, (str, os.PathLike)) else dict(item)
+        if "image" not in data:
+            raise ValueError(f"item {data!r} has no 'image'.")
+        data.setdefault("case", Path(str(data["image"])).name.split(".")[0])
+        return self.preprocess(data)
+
+    def predict(self, image: torch.Tensor) -> torch.Tensor:
+        """
+        The method's raw map of a normalised volume ``(1, H, W, D)``: same shape, on the CPU, zero on slices
+        without body.
+        """
+        x = convert_to_tensor(image, track_meta=False)[None].to(self.device)
+        kwargs: dict[str, Any] = {}
+        if self.classifier is not None:
+            kwargs["classifier"] = self.classifier
+        if self._takes_generator:
+            kwargs["generator"] = torch.Generator(device=self.device).manual_seed(self.seed)
+        out = self.volume_inferer(x, self.network, **kwargs)
+        return convert_to_tensor(out, track_meta=False)[0].detach().float().cpu()
+
+    def normalize(self, raw_map: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        """``NormalizeMap`` inside the body (``image != 0``), per slice; the raw map when ``map_mode`` is None."""
+        if self.normalizer is None:
+            return raw_map
+        return convert_to_tensor(self.normalizer(raw_map, body_mask=convert_to_tensor(image, track_meta=False)), track_meta=False)
+
+    def binarize(self, map01: torch.Tensor, image: torch.Tensor, threshold: str | float | None = None) -> torch.Tensor:
+        """
+        The binary mask of a map, inside the body: per-slice Otsu (``"otsu"``) or a fixed float.
+
+        Raises:
+            ValueError: ``"average_otsu"``, which needs every map of a run (see :py:meth:`run`).
+        """
+        threshold = self.threshold if threshold is None else threshold
+        if threshold == "average_otsu":
+            raise ValueError("threshold='average_otsu' is computed over all volumes of a run: use run(), or pass a float.")
+        thresholder = OtsuThreshold(
+            threshold=None if threshold == "otsu" else float(threshold),
+            slice_axis=self.slice_axis,
+            largest_component=self.largest_component,
+        )
+        body = convert_to_tensor(image, track_meta=False)
+        return convert_to_tensor(thresholder(map01, body_mask=body), track_meta=False)
+
+    def segment(self, item: Mapping | str | os.PathLike, threshold: str | float | None = None) -> dict:
+        """
+        Segment one volume.
+
+        Args:
+            item: ``{"image": path[, "seg": path, "case": id]}`` or an image path.
+            threshold: override of the pipeline's ``threshold`` (``"otsu"`` or a float).
+
+        Returns:
+            the loaded data with ``raw_map`` (the method's output), ``map`` (normalised, ``[0, 1]``) and ``mask``
+            (0/1), all ``(1, H, W, D)`` in the input's space, and ``seconds`` (map computation time).
+        """
+        data = self.load(item)
+        start = time.perf_counter()
+        data["raw_map"] = self.predict(data["image"])
+        data["map"] = self.normalize(data["raw_map"], data["image"])
+        data["seconds"] = time.perf_counter() - start
+        data["mask"] = self.binarize(data["map"], data["image"], threshold)
+        return data
+
+    # ---- a set of volumes ---------------------------------------------------------------------------------
+    def describe(self) -> list[str]:
+        """Lines describing the method and post-processing (for reports)."""
+        settings = {k: getattr(self.inferer, k) for k in _SETTINGS if hasattr(self.inferer, k)}
+        parts = ", ".join(f"{k}={v}" for k, v in settings.items())
+        threshold = {"otsu": "Otsu per slice", "average_otsu": "average Otsu over the run"}.get(
+            self.threshold, f"fixed {self.threshold}"  # type: ignore[arg-type]
+        )
+        return [
+            f"inferer: {type(self.inferer).__name__}({parts})",
+            f"model-space slices {self.volume_inferer.roi_size[0]} x {self.volume_inferer.roi_size[1]}, "
+            f"slice axis {self.slice_axis}, slices without body skipped",
+            f"map normalisation: {self.map_mode or 'none'} (inside the body, per slice); threshold: {threshold}"
+            f"{'; largest component per slice' if self.largest_component else ''}",
+            "scores: Dice / IoU / HD95 per positive slice (mean over all positive slices of all cases) and per "
+            "volume; HD95 is missing (not 0) where the mask is empty; AUROC from the raw map",
+        ]
+
+    @staticmethod
+    def _output_path(output_dir: Path, image: torch.Tensor, postfix: str) -> str:
+        source = str(getattr(image, "meta", {}).get("filename_or_obj", "volume"))
+        return create_file_basename(postfix, source, str(output_dir), separate_folder=False, makedirs=False) + ".nii.gz"
+
+    def run(
+        self,
+        items: Sequence[Mapping | str | os.PathLike],
+        output_dir: str | os.PathLike,
+        evaluate: bool = False,
+        num_overlays: int = 0,
+        overlay_slices: int = 3,
+        title: str | None = None,
+    ) -> dict:
+        """
+        Segment every volume and write ``<image name>_map.nii.gz`` (normalised map, float32) and
+        ``<image name>_mask.nii.gz`` (uint8) into ``output_dir``, in each input's space, plus
+        ``predictions.csv`` (one row per volume). With ``evaluate``: ``metrics.csv`` (per case),
+        ``summary.md`` and ``summary.json`` (pooled scores, see :py:class:`~monai_wsss.apps.VolumeEvaluation`).
+        Overlays (image, ground truth, map, mask) of the first ``num_overlays`` volumes go to
+        ``output_dir/overlays/<case>.png``.
+
+        Args:
+            items: datalist items (e.g. from :py:func:`~monai_wsss.apps.list_volumes`) or image paths.
+            output_dir: output folder (created).
+            evaluate: score the masks against each item's ``seg``.
+            num_overlays: number of volumes to draw overlays of.
+            overlay_slices: slices per overlay.
+            title: heading of ``summary.md``.
+
+        Returns:
+            ``{"rows": per-volume rows, "summary": pooled scores or None, "threshold": the threshold used
+            (float or "otsu"), "files": {name: path}}``.
+
+        Raises:
+            ValueError: no items; with ``evaluate``, an item without ``seg``; and every bad-input error of the
+                steps (naming the file).
+        """
+        items = [{"image": str(it)} if isinstance(it, (str, os.PathLike)) else dict(it) for it in items]
+        if not items:
+            raise ValueError("no volume to segment (items is empty).")
+        if evaluate:
+            missing = [str(it.get("case", it.get("image"))) for it in items if not it.get("seg")]
+            if missing:
+                raise ValueError(f"evaluate=True needs a ground-truth 'seg' for every volume; missing for {missing[:5]}.")
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        dataset_level = self.threshold == "average_otsu"
+        evaluation = VolumeEvaluation(self.slice_axis, self.preset.eval_min_fraction) if evaluate else None
+        write_map = map_writer(out, map_key="map", mask_key=None)
+        write_mask = map_writer(out, map_key=None, mask_key="mask")
+        rows: list[dict] = []
+        unit_thresholds: list[np.ndarray] = []
+
+        def finish(index: int, data: dict, threshold: str | float) -> None:
+            data["mask"] = self.binarize(data["map"], data["image"], threshold)
+            write_mask({"image": data["image"], "mask": data["mask"]})
+            row = rows[index]
+            row["mask"] = self._output_path(out, data["image"], "mask")
+            row["mask_voxels"] = int(data["mask"].sum())
+            if evaluation is not None:
+                spacing = [float(s) for s in convert_to_tensor(data["image"].pixdim).tolist()]
+                evaluation.add_mask(row["case"], data["mask"], data["seg"], spacing=spacing)
+            if index < num_overlays:
+                overlay = out / "overlays" / f"{row['case']}.png"
+                save_overlay(
+                    overlay, data["image"], data["map"], data["mask"], data.get("seg"),
+                    num_slices=overlay_slices, slice_axis=self.slice_axis, title=f"{row['case']}",
+                )
+                row["overlay"] = str(overlay)
+
+        for i, item in enumerate(items):
+            data = self.load(item)
+            start = time.perf_counter()
+            raw = self.predict(data["image"])
+            data["map"] = self.normalize(raw, data["image"])
+            seconds = time.perf_counter() - start
+            write_map({"image": data["image"], "map": data["map"]})
+            rows.append(
+                {
+                    "case": str(data.get("case")),
+                    "image": str(item["image"]),
+                    "map": self._output_path(out, data["image"], "map"),
+                    "seconds": seconds,
+                }
+            )
+            if evaluation is not None:
+                evaluation.add_map(rows[-1]["case"], raw, data["seg"], body=data["image"])
+            if dataset_level:
+                unit_thresholds.append(otsu_thresholds(data["map"], data["image"], slice_axis=self.slice_axis))
+            else:
+                finish(i, data, self.threshold)
+            logger.info(f"{rows[-1]['case']}: map in {seconds:.1f} s ({i + 1}/{len(items)})")
+
+        threshold: str | float = self.threshold
+        if dataset_level:
+            values = np.concatenate(unit_thresholds) if unit_thresholds else np.zeros(0)
+            values = values[~np.isnan(values)]
+            if values.size == 0:
+                raise ValueError("threshold='average_otsu': no map has contrast inside the body; threshold undefined.")
+            threshold = float(values.mean())
+            logger.info(f"average Otsu threshold over {values.size} slices: {threshold:.4f}")
+            load_map = LoadImage(image_only=True, ensure_channel_first=True, dtype=np.float32)
+            for i, item in enumerate(items):
+                data = self.load(item)
+                data["map"] = convert_to_tensor(load_map(rows[i]["map"]), track_meta=False)
+                finish(i, data, threshold)
+        for row in rows:
+            row["threshold"] = threshold if isinstance(threshold, float) else "otsu per slice"
+
+        files = {"predictions": str(write_csv(out / "predictions.csv", rows))}
+        summary = None
+        if evaluation is not None:
+            summary = evaluation.aggregate()
+            summary["seconds_per_volume"] = float(np.mean([r["seconds"] for r in rows]))
+            summary["threshold"] = threshold
+            metric_rows = [{**evaluation.rows.get(r["case"], {}), **{k: r[k] for k in ("image", "seconds")}} for r in rows]
+            files["metrics"] = str(write_csv(out / "metrics.csv", metric_rows))
+            name = type(self.inferer).__name__ if title is None else title
+            files["summary_md"] = str(
+                write_summary_markdown(
+                    out / "summary.md", {name: summary}, metric_rows, title=f"Segmentation results: {name}",
+                    notes=self.describe(),
+                )
+            )
+            with open(out / "summary.json", "w") as f:
+                json.dump({k: _finite(v) for k, v in summary.items()}, f, indent=2)
+            files["summary_json"] = str(out / "summary.json")
+            logger.info(
+                f"slice Dice {summary['slice_dice']:.3f} over {summary['num_positive_slices']} positive slices, "
+                f"volume Dice {summary['volume_dice']:.3f} over {summary['num_positive_volumes']} volumes"
+            )
+        return {"rows": rows, "summary": summary, "threshold": threshold, "files": files}

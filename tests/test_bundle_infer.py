@@ -1,0 +1,328 @@
+"""Inference / evaluation side of the bundles: inference.json and evaluate.json end to end on synthetic data with
+tiny saved weights (outputs in the input space, reports), every input layout, and clear errors for bad inputs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigParser, ConfigWorkflow
+
+from conftest import TINY_UNET, perturb
+from monai_wsss.data import make_synthetic_dataset
+from monai_wsss.networks.nets import ConditionalDiffusionUNet, NoisyClassifier
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLES = {"brats": REPO / "bundles" / "brats_cdm", "chaos": REPO / "bundles" / "chaos_kidney_cdm"}
+SIZE = 16
+# the bundles' network definitions shrunk to the tiny test networks (the same overrides a user passes on the CLI)
+TINY_NETS = {
+    "network_def#channels": list(TINY_UNET["channels"]),
+    "network_def#attention_levels": list(TINY_UNET["attention_levels"]),
+    "network_def#num_head_channels": TINY_UNET["num_head_channels"],
+    "network_def#norm_num_groups": TINY_UNET["norm_num_groups"],
+    "classifier_def#channels": [8, 16],
+    "classifier_def#attention_levels": [False, False],
+    "classifier_def#num_head_channels": 8,
+    "classifier_def#norm_num_groups": 4,
+}
+# seconds-long settings: 16 x 16 slices, 2 CDM steps, 3 CG-Diff steps
+FAST = {"spatial_size": [SIZE, SIZE], "noise_level": 20, "num_steps": 2, "cgdiff_level": 3, "progress": False}
+
+
+def _tiny_diffusion(null_class: bool = False) -> ConditionalDiffusionUNet:
+    torch.manual_seed(0)
+    return perturb(ConditionalDiffusionUNet(**TINY_UNET, null_class=null_class))
+
+
+def _tiny_classifier() -> NoisyClassifier:
+    torch.manual_seed(1)
+    clf = NoisyClassifier(
+        spatial_dims=2, in_channels=1, num_classes=2, input_shape=(SIZE, SIZE), channels=(8, 16),
+        attention_levels=(False, False), num_res_blocks=1, num_head_channels=8, norm_num_groups=4,
+    )
+    return perturb(clf, seed=1)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """Synthetic BraTS-layout cases, the same volumes in the CHAOS layout, and tiny weights (with and without a
+    null class) saved as the bundles' training writes them (bare state dicts)."""
+    root = tmp_path_factory.mktemp("infer")
+    items = make_synthetic_dataset(root / "brats", num_cases=3, shape=(40, 36, 12), seed=0)
+    chaos = root / "chaos"
+    chaos.mkdir()
+    for i, item in enumerate(items):
+        shutil.copy(item["image"], chaos / f"image_{i + 1}.nii.gz")
+        seg = nib.load(item["seg"])
+        kidney = (np.asarray(seg.dataobj) > 0).astype(np.uint8) * 2  # CHAOS right kidney label
+        nib.save(nib.Nifti1Image(kidney, seg.affine), str(chaos / f"label_{i + 1}.nii.gz"))
+    models = root / "models"
+    models.mkdir()
+    torch.save(_tiny_diffusion().state_dict(), models / "model.pt")
+    torch.save(_tiny_diffusion(null_class=True).state_dict(), models / "model_null.pt")
+    torch.save(_tiny_classifier().state_dict(), models / "classifier.pt")
+    return {"root": root, "items": items, "brats": root / "brats", "chaos": chaos, "models": models}
+
+
+def run_bundle(env, config: str, bundle: str = "brats", **overrides):
+    """Run a config as `python -m monai.bundle run` does, with the tiny networks and fast settings."""
+    args = {
+        "model_path": str(env["models"] / "model.pt"),
+        "classifier_path": str(env["models"] / "classifier.pt"),
+        **TINY_NETS,
+        **FAST,
+        **overrides,
+    }
+    workflow = ConfigWorkflow(
+        config_file=str(BUNDLES[bundle] / "configs" / config), logging_file=False, workflow_type="infer", **args
+    )
+    workflow.initialize()
+    result = workflow.run()
+    workflow.finalize()
+    return result[0]
+
+
+def root_cause(err: BaseException) -> BaseException:
+    """MONAI wraps errors of config expressions in RuntimeError('Failed to evaluate ...'): the user's error is the cause."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return err
+
+
+def assert_input_space(image_path: str, *outputs: str) -> None:
+    ref = nib.load(image_path)
+    for path in outputs:
+        out = nib.load(path)
+        assert out.shape == ref.shape[:3], path
+        np.testing.assert_allclose(out.affine, ref.affine, atol=1e-5)
+
+
+def read_csv(path) -> list[dict]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+# ---- configuration consistency -------------------------------------------------------------------------------
+def _raw(bundle: str, name: str) -> dict:
+    return json.loads((BUNDLES[bundle] / "configs" / name).read_text())
+
+
+@pytest.mark.parametrize("bundle", sorted(BUNDLES))
+def test_networks_match_the_training_configs(bundle):
+    """The inference configs must build exactly the trained networks, or the committed weights do not load."""
+    for name in ("inference.json", "evaluate.json"):
+        infer = ConfigParser(_raw(bundle, name))
+        diffusion = ConfigParser(_raw(bundle, "train_diffusion.json"))
+        classifier = ConfigParser(_raw(bundle, "train_classifier.json"))
+        assert infer.get("network_def") == diffusion.get("network_def")
+        assert infer.get("classifier_def") == classifier.get("network_def")
+        assert infer.get("scheduler") == diffusion.get("scheduler") == classifier.get("scheduler")
+        for key in ("num_classes", "null_class", "spatial_size", "task"):
+            assert infer.get(key) == diffusion.get(key), key
+        net = infer.get_parsed_content("network_def")
+        ref = diffusion.get_parsed_content("network_def")
+        assert net.state_dict().keys() == ref.state_dict().keys()
+
+
+def test_evaluate_differs_from_inference_only_where_documented():
+    for bundle in BUNDLES:
+        infer, evaluate = _raw(bundle, "inference.json"), _raw(bundle, "evaluate.json")
+        differ = {k for k in set(infer) | set(evaluate) if infer.get(k) != evaluate.get(k)}
+        assert differ == {"output_dir", "num_overlays", "evaluate"}
+    brats, chaos = _raw("brats", "evaluate.json"), _raw("chaos", "evaluate.json")
+    assert {k for k in brats if brats[k] != chaos.get(k)} == {"bundle_root", "task", "modality"}
+
+
+def test_default_bundle_root_is_the_bundle_wherever_the_command_runs(tmp_path, monkeypatch):
+    from monai_wsss.apps import locate_bundle_root
+
+    monkeypatch.chdir(tmp_path)  # not a bundle: falls back to the repository copy
+    assert Path(locate_bundle_root("brats_cdm", argv=["x"])).resolve() == BUNDLES["brats"]
+    argv = ["run", "--config_file", "bundles/chaos_kidney_cdm/configs/inference.json"]
+    monkeypatch.chdir(REPO)
+    assert Path(locate_bundle_root("brats_cdm", argv=argv)).resolve() == BUNDLES["chaos"]
+    listed = ["run", "--config_file=['bundles/brats_cdm/configs/inference.json','extra.json']"]
+    assert Path(locate_bundle_root("chaos_kidney_cdm", argv=listed)).resolve() == BUNDLES["brats"]
+    monkeypatch.chdir(BUNDLES["chaos"])  # inside a bundle (model-zoo convention)
+    assert locate_bundle_root("brats_cdm", argv=["x"]) == "."
+
+
+# ---- end to end ----------------------------------------------------------------------------------------------
+def test_inference_on_a_folder_writes_map_and_mask_in_input_space(env, tmp_path):
+    out = tmp_path / "infer"
+    result = run_bundle(env, "inference.json", dataset_dir=str(env["brats"]), output_dir=str(out), method="cdm")
+    assert result["summary"] is None  # inference does not score
+    rows = read_csv(out / "predictions.csv")
+    assert [r["case"] for r in rows] == [it["case"] for it in env["items"]]
+    for item, row in zip(env["items"], rows):
+        assert_input_space(item["image"], row["map"], row["mask"])
+        mask = np.asarray(nib.load(row["mask"]).dataobj)
+        assert set(np.unique(mask)) <= {0, 1} and mask.sum() == int(row["mask_voxels"]) > 0
+        image = np.asarray(nib.load(item["image"]).dataobj)
+        assert not mask[image == 0].any()  # never outside the brain
+        heat = np.asarray(nib.load(row["map"]).dataobj)
+        assert heat.min() >= 0 and heat.max() <= 1 and heat.max() > 0
+    assert not (out / "metrics.csv").exists() and not (out / "overlays").exists()
+
+
+def test_inference_is_reproducible_with_its_seed(env, tmp_path):
+    a = run_bundle(env, "inference.json", image=env["items"][0]["image"], output_dir=str(tmp_path / "a"))
+    b = run_bundle(env, "inference.json", image=env["items"][0]["image"], output_dir=str(tmp_path / "b"))
+    c = run_bundle(env, "inference.json", image=env["items"][0]["image"], output_dir=str(tmp_path / "c"), seed=5)
+    maps = [np.asarray(nib.load(r["rows"][0]["map"]).dataobj) for r in (a, b, c)]
+    np.testing.assert_array_equal(maps[0], maps[1])
+    assert not np.array_equal(maps[0], maps[2])
+
+
+@pytest.mark.parametrize("source", ["image", "dataset_dir_file"])
+def test_single_nifti_file(env, tmp_path, source):
+    item = env["items"][1]
+    key = "image" if source == "image" else "dataset_dir"
+    result = run_bundle(env, "evaluate.json", output_dir=str(tmp_path), seg=item["seg"], **{key: item["image"]})
+    row = result["rows"][0]
+    assert_input_space(item["image"], row["map"], row["mask"])
+    assert result["summary"]["num_cases"] == 1 and (tmp_path / "overlays" / f"{row['case']}.png").is_file()
+
+
+@pytest.mark.parametrize("method", ["cg_cdm", "cg_diff"])
+def test_evaluate_writes_csv_markdown_summary_and_overlays(env, tmp_path, method):
+    out = tmp_path / method
+    result = run_bundle(env, "evaluate.json", dataset_dir=str(env["brats"]), output_dir=str(out), method=method, num_overlays=2)
+    summary = result["summary"]
+    assert summary["num_cases"] == 3 and summary["num_positive_slices"] > 0
+    for key in ("slice_dice", "slice_iou", "volume_dice", "pixel_auroc", "slice_auroc"):
+        assert 0.0 <= summary[key] <= 1.0, key
+    rows = read_csv(out / "metrics.csv")
+    assert len(rows) == 3 and {"slice_dice", "slice_hd95", "slice_hd95_mm", "volume_dice", "pixel_auroc"} <= set(rows[0])
+    # the lesion-free case (every 4th synthetic case has lesions here, so check via the ground truth)
+    scored = [r for r in rows if int(r["num_positive_slices"]) > 0]
+    assert scored and all(0.0 <= float(r["slice_dice"]) <= 1.0 for r in scored)
+    assert json.loads((out / "summary.json").read_text())["num_cases"] == 3
+    text = (out / "summary.md").read_text()
+    assert f"| {method} |" in text and "## Per case" in text
+    pngs = sorted(p.name for p in (out / "overlays").glob("*.png"))
+    assert pngs == sorted(f"{it['case']}.png" for it in env["items"][:2])
+    for item, row in zip(env["items"], result["rows"]):
+        assert_input_space(item["image"], row["map"], row["mask"])
+
+
+def test_average_otsu_uses_one_threshold_for_all_volumes(env, tmp_path):
+    result = run_bundle(env, "evaluate.json", dataset_dir=str(env["brats"]), output_dir=str(tmp_path), threshold="average_otsu", num_overlays=0)
+    assert isinstance(result["threshold"], float) and 0.0 < result["threshold"] < 1.0
+    for row in result["rows"]:
+        heat = np.asarray(nib.load(row["map"]).dataobj)
+        mask = np.asarray(nib.load(row["mask"]).dataobj)
+        np.testing.assert_array_equal(mask, (heat > result["threshold"]).astype(mask.dtype))
+
+
+def test_classifier_free_guidance_needs_a_null_class(env, tmp_path):
+    with pytest.raises(RuntimeError) as err:
+        run_bundle(env, "inference.json", dataset_dir=str(env["brats"]), output_dir=str(tmp_path), method="cfg")
+    assert isinstance(root_cause(err.value), ValueError) and "null class" in str(root_cause(err.value))
+    # the network asks for a null class but the weights have none: the loader says so
+    with pytest.raises(RuntimeError) as err:
+        run_bundle(env, "inference.json", dataset_dir=str(env["brats"]), output_dir=str(tmp_path), method="cfg", null_class=True)
+    assert "null class" in str(root_cause(err.value)) and "model.pt" in str(root_cause(err.value))
+    result = run_bundle(
+        env, "inference.json", dataset_dir=str(env["brats"]), output_dir=str(tmp_path / "cfg"), method="cfg",
+        null_class=True, model_path=str(env["models"] / "model_null.pt"),
+    )
+    assert_input_space(env["items"][0]["image"], result["rows"][0]["mask"])
+
+
+def test_chaos_bundle_on_a_chaos_folder(env, tmp_path):
+    result = run_bundle(env, "evaluate.json", bundle="chaos", dataset_dir=str(env["chaos"]), output_dir=str(tmp_path), num_overlays=1)
+    assert [r["case"] for r in result["rows"]] == ["1", "2", "3"]
+    assert result["summary"]["num_cases"] == 3
+    for i, row in enumerate(result["rows"]):
+        assert_input_space(str(env["chaos"] / f"image_{i + 1}.nii.gz"), row["map"], row["mask"])
+        assert Path(row["map"]).name == f"image_{i + 1}_map.nii.gz"
+
+
+def test_decathlon_layout_four_channel_images(env, tmp_path):
+    """Decathlon Task01: 4D images (FLAIR first); outputs take the image's spatial shape and affine."""
+    root = tmp_path / "Task01_BrainTumour"
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    item = env["items"][0]
+    img, seg = nib.load(item["image"]), nib.load(item["seg"])
+    flair = np.asarray(img.dataobj)
+    stacked = np.stack([flair, flair // 2, flair // 3, flair // 4], axis=-1)
+    nib.save(nib.Nifti1Image(stacked, img.affine), str(root / "imagesTr" / "BRATS_001.nii.gz"))
+    nib.save(nib.Nifti1Image(np.asarray(seg.dataobj), seg.affine), str(root / "labelsTr" / "BRATS_001.nii.gz"))
+    meta = {"training": [{"image": "./imagesTr/BRATS_001.nii.gz", "label": "./labelsTr/BRATS_001.nii.gz"}]}
+    (root / "dataset.json").write_text(json.dumps(meta))
+    result = run_bundle(env, "evaluate.json", dataset_dir=str(root), output_dir=str(tmp_path / "out"), num_overlays=0)
+    assert_input_space(item["image"], result["rows"][0]["map"], result["rows"][0]["mask"])
+    assert result["summary"]["num_positive_slices"] > 0
+
+
+def test_datalist_split_of_a_training_run(env, tmp_path):
+    from monai_wsss.data import split_cases, write_datalist
+
+    datalist = write_datalist(tmp_path / "datalist.json", split_cases(env["items"], 0.0, 0.34, seed=0))
+    result = run_bundle(env, "inference.json", dataset_dir=str(datalist), output_dir=str(tmp_path / "out"))
+    test_cases = [it["case"] for it in json.loads(datalist.read_text())["test"]]
+    assert [r["case"] for r in result["rows"]] == test_cases
+    with pytest.raises(RuntimeError) as err:
+        run_bundle(env, "inference.json", dataset_dir=str(datalist), datalist_split="holdout", output_dir=str(tmp_path))
+    assert "holdout" in str(root_cause(err.value))
+
+
+# ---- bad inputs ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "overrides, error, words",
+    [
+        ({}, ValueError, "--dataset_dir"),
+        ({"dataset_dir": "/nonexistent/brats"}, FileNotFoundError, "/nonexistent/brats"),
+        ({"image": "/nonexistent/case.nii.gz"}, FileNotFoundError, "/nonexistent/case.nii.gz"),
+        ({"method": "gradcam"}, ValueError, "unknown method 'gradcam'"),
+        ({"model_path": "/nonexistent/model.pt"}, FileNotFoundError, "/nonexistent/model.pt"),
+        ({"method": "cg_cdm", "classifier_path": "/nonexistent/clf.pt"}, FileNotFoundError, "/nonexistent/clf.pt"),
+        ({"threshold": "median"}, ValueError, "threshold"),
+        ({"network_def#channels": [8, 32]}, ValueError, "does not fit"),
+    ],
+)
+def test_bad_inputs_give_clear_errors(env, tmp_path, overrides, error, words):
+    args = dict(overrides)
+    if overrides and not {"image", "dataset_dir"} & set(overrides):
+        args["dataset_dir"] = str(env["brats"])
+    with pytest.raises(RuntimeError) as err:
+        run_bundle(env, "inference.json", output_dir=str(tmp_path), **args)
+    cause = root_cause(err.value)
+    assert isinstance(cause, error) and words in str(cause), repr(cause)
+
+
+def test_evaluate_needs_ground_truth(env, tmp_path):
+    item = env["items"][0]
+    with pytest.raises(RuntimeError) as err:
+        run_bundle(env, "evaluate.json", image=item["image"], output_dir=str(tmp_path))
+    assert "ground-truth" in str(root_cause(err.value))
+
+
+def test_command_line(env, tmp_path):
+    """The documented command, in a fresh process, with list overrides the way a shell passes them."""
+    cmd = [
+        sys.executable, "-m", "monai.bundle", "run",
+        "--config_file", str(BUNDLES["brats"] / "configs" / "inference.json"),
+        "--dataset_dir", str(env["brats"]), "--output_dir", str(tmp_path),
+        "--model_path", str(env["models"] / "model.pt"), "--method", "cdm",
+    ]
+    for key, value in {**TINY_NETS, **FAST}.items():
+        if not key.startswith("classifier_def"):
+            cmd += [f"--{key}", repr(value)]  # Python literals, as fire parses them
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = read_csv(tmp_path / "predictions.csv")
+    assert len(rows) == 3
+    assert_input_space(env["items"][2]["image"], rows[2]["map"], rows[2]["mask"])
