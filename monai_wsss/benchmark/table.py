@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from monai.bundle import ConfigParser
 
+from monai_wsss.apps.methods import default_map_mode
 from monai_wsss.bundle import prepare_splits
 from monai_wsss.data import TASKS, build_slice_dataset
 from monai_wsss.inferers import (
@@ -162,6 +163,7 @@ def build_methods(
     cgdiff_guidance: float = 100.0,
     cfg_scale: float = 3.0,
     threshold: float = 0.7,
+    task: str = "brats",
 ) -> list[MethodSpec]:
     """
     The table's methods by name (see ``ALL_METHODS``).
@@ -177,7 +179,7 @@ def build_methods(
         if needs_clf and classifier is None:
             raise ValueError(f"method {name!r} needs the bundle's classifier (models/classifier.pt).")
         if name == "threshold":
-            specs.append(MethodSpec(name, IntensityThresholdInferer(percentile=None), setting="FLAIR intensity, Otsu"))
+            specs.append(MethodSpec(name, IntensityThresholdInferer(percentile=None), setting="image intensity, Otsu"))
         elif name == "threshold_fixed":
             specs.append(
                 MethodSpec(
@@ -191,12 +193,14 @@ def build_methods(
             specs.append(MethodSpec(name, ClassActivationMapInferer(method=name, target_class=1, timestep=0), setting="classifier at t=0"))
         elif name == "cdm":
             inf = ConditionDifferenceInferer(scheduler, noise_level=noise_level, num_steps=num_steps, tau=tau)
-            specs.append(MethodSpec(name, inf, "signed", True, setting=f"Q={noise_level}, R={num_steps}, tau={tau}"))
+            specs.append(MethodSpec(name, inf, default_map_mode(name, task), True, setting=f"Q={noise_level}, R={num_steps}, tau={tau}"))
         elif name == "cg_cdm":
             inf = ConditionDifferenceInferer(
                 scheduler, noise_level=noise_level, num_steps=num_steps, tau=tau, guidance_scale=guidance_scale, classifier=classifier
             )
-            specs.append(MethodSpec(name, inf, "signed", True, setting=f"Q={noise_level}, R={num_steps}, tau={tau}, s={guidance_scale}"))
+            specs.append(
+                MethodSpec(name, inf, default_map_mode(name, task), True, setting=f"Q={noise_level}, R={num_steps}, tau={tau}, s={guidance_scale}")
+            )
         elif name == "cg_diff":
             inf = GuidedDiffusionAnomalyInferer(scheduler, noise_level=cgdiff_level, guidance_scale=cgdiff_guidance, classifier=classifier)
             specs.append(MethodSpec(name, inf, setting=f"L={cgdiff_level}, s={cgdiff_guidance}"))
@@ -349,6 +353,7 @@ def run_table(args: argparse.Namespace) -> tuple[list[dict], str]:
         cgdiff_level=args.cgdiff_level,
         cgdiff_guidance=args.cgdiff_guidance,
         cfg_scale=args.cfg_scale,
+        task=args.task,
     )
     rows = []
     for spec in specs:
