@@ -90,7 +90,7 @@ def test_ablation_sweeps_one_parameter_at_a_time_and_writes_plots(tmp_path):
     assert [p for p, _ in settings] == ["noise_level", "noise_level", "tau", "tau"]  # Q=2 < R=5 is skipped
     for param, setting in settings:
         assert all(setting[k] == v for k, v in base.items() if k != param)
-    rows = [{"parameter": p, **s, "dice": 0.1 * i, "dice_std": 0.01, "iou": 0.05, "hd95": 3.0, "auroc": 0.8}
+    rows = [{"parameter": p, **s, "repeats": 2, "dice": 0.1 * i, "dice_std": 0.01, "iou": 0.05, "hd95": 3.0, "auroc": 0.8}
             for i, (p, s) in enumerate(settings)]
     write_ablation(rows, tmp_path, {"slices_used": 4, "split": "validation", "cases_used": 1})
     assert (tmp_path / "ablation.png").stat().st_size > 1000

@@ -103,11 +103,12 @@ def write_ablation(rows: list[dict], out_dir: str | Path, info: dict) -> None:
         writer.writeheader()
         writer.writerows(rows)
     params = list(dict.fromkeys(r["parameter"] for r in rows))
-    lines = [f"{info['slices_used']} positive {info['split']} slices of {info['cases_used']} cases; mean ± std over noise seeds.", ""]
+    lines = [f"{info['slices_used']} positive {info['split']} slices of {info['cases_used']} cases; mean ± std over noise seeds when repeated.", ""]
     for p in params:
         lines += [f"| {p} | Dice | mIoU | HD95 | pixel AUROC |", "|---|---|---|---|---|"]
         for r in (r for r in rows if r["parameter"] == p):
-            lines.append(f"| {r[p]} | {r['dice']:.3f} ± {r['dice_std']:.3f} | {r['iou']:.3f} | {r['hd95']:.1f} | {r['auroc']:.3f} |")
+            dice = f"{r['dice']:.3f} ± {r['dice_std']:.3f}" if r["repeats"] > 1 else f"{r['dice']:.3f}"
+            lines.append(f"| {r[p]} | {dice} | {r['iou']:.3f} | {r['hd95']:.1f} | {r['auroc']:.3f} |")
         lines.append("")
     (out / "ablation.md").write_text("\n".join(lines))
 
