@@ -38,18 +38,21 @@ logger = logging.getLogger("monai_wsss.demo")
 
 #: demo settings: data, training length and the inference hyper-parameters of the methods at this scale
 DEMO_SETTINGS: dict[str, Any] = {
-    "num_cases": 12,
+    "num_cases": 16,
     "shape": (64, 64, 40),
     "spatial_size": 32,
-    "diffusion_epochs": 25,
-    "classifier_epochs": 8,
+    "diffusion_epochs": 20,
+    "classifier_epochs": 6,
     "batch_size": 16,
     "methods": ("cdm", "cg_cdm", "cg_diff"),
-    "noise_level": 250,
-    "num_steps": 10,
-    "tau": 0.95,
+    # chosen on separate synthetic cases (seed 7) with a model trained like this one: after a few hundred
+    # iterations the class conditioning is weak, and a low noise level with a large condition step (tau -> 0,
+    # i.e. target vs. almost-healthy embedding) gives clean maps; tau = 0.95 gave slice Dice ~0.17, tau = 0.05 ~0.39
+    "noise_level": 50,
+    "num_steps": 5,
+    "tau": 0.05,
     "guidance_scale": 10.0,
-    "cgdiff_level": 200,
+    "cgdiff_level": 50,
     "cgdiff_guidance": 100.0,
     "test_fraction": 0.25,
     "val_fraction": 0.1,
@@ -237,12 +240,18 @@ def run_demo(
     runs: list[tuple[str, dict]] = [(m, {"method": m}) for m in cfg["methods"]]
     # the honest baseline: FLAIR lesions are bright, a fixed threshold on the intensity already finds them
     runs.append(("threshold", {"method": "threshold", "map_mode": None, "threshold": 0.7}))
+    # the chance level: the whole brain as the mask (every body pixel of the intensity map is > 0)
+    runs.append(("whole brain", {"method": "threshold", "map_mode": None, "threshold": 1e-6, "num_overlays": 0}))
     summaries: dict[str, dict] = {}
     for name, extra in runs:
         start = time.perf_counter()
-        result = run_bundle_config(configs / "evaluate.json", "infer", output_dir=str(out / name), **common, **extra)
+        args = {**common, **extra, "output_dir": str(out / name.replace(" ", "_"))}
+        result = run_bundle_config(configs / "evaluate.json", "infer", **args)
         seconds[name] = time.perf_counter() - start
         summaries[name] = result[0]["summary"]
+        if name == "whole brain":  # a mask without a map: its AUROC would be the intensity map's
+            for key in ("pixel_auroc", "pixel_auprc", "slice_auroc", "slice_auprc"):
+                summaries[name][key] = float("nan")
         logger.info(f"{name}: slice Dice {summaries[name]['slice_dice']:.3f} ({seconds[name]:.0f} s)")
     seconds["total"] = time.perf_counter() - start_all
 
@@ -253,7 +262,8 @@ def run_demo(
         f"diffusion model: {cfg['diffusion_epochs']} epochs, classifier: {cfg['classifier_epochs']} epochs "
         f"(bundle configs {configs})",
         f"CDM: Q={cfg['noise_level']}, R={cfg['num_steps']}, tau={cfg['tau']}; CG-CDM: s={cfg['guidance_scale']}; "
-        f"CG-Diff: L={cfg['cgdiff_level']}, s={cfg['cgdiff_guidance']}; threshold: 0.7 x the 99th percentile of each slice",
+        f"CG-Diff: L={cfg['cgdiff_level']}, s={cfg['cgdiff_guidance']}; threshold: 0.7 x the 99th percentile of each slice; "
+        "whole brain: every brain pixel (chance level)",
         "masks: signed (CDM) / absolute (CG-Diff) map normalised per slice inside the brain, Otsu per slice",
         "wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()),
     ]

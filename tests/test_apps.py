@@ -129,6 +129,15 @@ def test_pipeline_segment_and_run_with_the_threshold_baseline(cases, tmp_path):
     with open(tmp_path / "metrics.csv") as f:
         assert [r["case"] for r in csv.DictReader(f)] == ["synth_000", "synth_001"]
     assert json.loads((tmp_path / "summary.json").read_text())["threshold"] == 0.7
+    # one scale per volume: slice maxima differ, the volume's maximum is 1
+    per_volume = VolumeSegmentationPipeline(
+        None, IntensityThresholdInferer(percentile=None), roi_size=(16, 16), normalize_per="volume", threshold=0.9
+    ).segment(items[0])
+    slice_max = per_volume["map"][0].amax(dim=(0, 1))
+    assert float(slice_max.max()) == pytest.approx(1.0) and float(slice_max[slice_max > 0].min()) < 0.95
+    assert per_volume["mask"][0].sum(dim=(0, 1)).eq(0).any()  # slices whose map stays low: empty masks
+    with pytest.raises(ValueError, match="normalize_per"):
+        VolumeSegmentationPipeline(None, IntensityThresholdInferer(), normalize_per="case")
     with pytest.raises(ValueError, match="run\\(\\)"):
         VolumeSegmentationPipeline(None, IntensityThresholdInferer(), threshold="average_otsu").segment(items[0])
     with pytest.raises(ValueError, match="threshold"):

@@ -73,6 +73,9 @@ class VolumeSegmentationPipeline:
         sw_batch_size: slices per inferer call.
         map_mode: ``NormalizeMap`` mode (``"signed"``, ``"abs"``, ``"minmax"``) or None to keep the raw map (for
             a fixed threshold on the map's own scale, e.g. the intensity baseline).
+        normalize_per: ``"slice"`` (the paper's protocol: every slice's map is scaled to a maximum of 1, so a
+            per-slice threshold finds something in every slice with body) or ``"volume"`` (one scale per volume:
+            with ``"average_otsu"`` or a fixed threshold, slices whose map stays low get an empty mask).
         threshold: ``"otsu"`` (per slice), ``"average_otsu"`` (one threshold per :py:meth:`run`) or a float.
         largest_component: keep only the largest connected component of each slice's mask.
         classifier: passed as ``classifier=`` to every inferer call (not needed when the inferer holds one).
@@ -81,7 +84,7 @@ class VolumeSegmentationPipeline:
         progress: show progress bars over slice batches.
 
     Raises:
-        ValueError: unknown task, ``map_mode`` or ``threshold``; a non-callable inferer.
+        ValueError: unknown task, ``map_mode``, ``normalize_per`` or ``threshold``; a non-callable inferer.
 
     Example::
 
@@ -100,6 +103,7 @@ class VolumeSegmentationPipeline:
         roi_size: Sequence[int] | int = (64, 64),
         sw_batch_size: int = 32,
         map_mode: str | None = "signed",
+        normalize_per: str = "slice",
         threshold: str | float = "otsu",
         largest_component: bool = False,
         classifier: Callable[..., torch.Tensor] | None = None,
@@ -115,10 +119,14 @@ class VolumeSegmentationPipeline:
                 raise ValueError(f"`threshold` must be one of {THRESHOLD_MODES} or a number, got {threshold!r}.")
         elif not isinstance(threshold, (int, float)) or not math.isfinite(float(threshold)):
             raise ValueError(f"`threshold` must be one of {THRESHOLD_MODES} or a finite number, got {threshold!r}.")
+        if normalize_per not in ("slice", "volume"):
+            raise ValueError(f"`normalize_per` must be 'slice' or 'volume', got {normalize_per!r}.")
         self.network = network
         self.inferer = inferer
         self.slice_axis = self.preset.slice_axis
-        self.normalizer = None if map_mode in (None, "none") else NormalizeMap(mode=map_mode, slice_axis=self.slice_axis)
+        self.normalize_per = normalize_per
+        scope = self.slice_axis if normalize_per == "slice" else None
+        self.normalizer = None if map_mode in (None, "none") else NormalizeMap(mode=map_mode, slice_axis=scope)
         self.map_mode = None if self.normalizer is None else map_mode
         self.threshold = threshold if isinstance(threshold, str) else float(threshold)
         self.largest_component = bool(largest_component)
@@ -173,7 +181,7 @@ class VolumeSegmentationPipeline:
         return convert_to_tensor(out, track_meta=False)[0].detach().float().cpu()
 
     def normalize(self, raw_map: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        """``NormalizeMap`` inside the body (``image != 0``), per slice; the raw map when ``map_mode`` is None."""
+        """``NormalizeMap`` inside the body (``image != 0``), per slice or volume; the raw map when ``map_mode`` is None."""
         if self.normalizer is None:
             return raw_map
         return convert_to_tensor(self.normalizer(raw_map, body_mask=convert_to_tensor(image, track_meta=False)), track_meta=False)
@@ -228,7 +236,8 @@ class VolumeSegmentationPipeline:
             f"inferer: {type(self.inferer).__name__}({parts})",
             f"model-space slices {self.volume_inferer.roi_size[0]} x {self.volume_inferer.roi_size[1]}, "
             f"slice axis {self.slice_axis}, slices without body skipped",
-            f"map normalisation: {self.map_mode or 'none'} (inside the body, per slice); threshold: {threshold}"
+            f"map normalisation: {self.map_mode or 'none'} (inside the body, per {self.normalize_per}); "
+            f"threshold: {threshold}"
             f"{'; largest component per slice' if self.largest_component else ''}",
             "scores: Dice / IoU / HD95 per positive slice (mean over all positive slices of all cases) and per "
             "volume; HD95 is missing (not 0) where the mask is empty; AUROC from the raw map",
@@ -253,14 +262,14 @@ class VolumeSegmentationPipeline:
         ``<image name>_mask.nii.gz`` (uint8) into ``output_dir``, in each input's space, plus
         ``predictions.csv`` (one row per volume). With ``evaluate``: ``metrics.csv`` (per case),
         ``summary.md`` and ``summary.json`` (pooled scores, see :py:class:`~monai_wsss.apps.VolumeEvaluation`).
-        Overlays (image, ground truth, map, mask) of the first ``num_overlays`` volumes go to
-        ``output_dir/overlays/<case>.png``.
+        Overlays (image, ground truth, map, mask) of the first ``num_overlays`` volumes (with ``evaluate``: the first
+        ones whose ground truth is not empty) go to ``output_dir/overlays/<case>.png``.
 
         Args:
             items: datalist items (e.g. from :py:func:`~monai_wsss.apps.list_volumes`) or image paths.
             output_dir: output folder (created).
             evaluate: score the masks against each item's ``seg``.
-            num_overlays: number of volumes to draw overlays of.
+            num_overlays: number of volumes to draw overlays of (volumes with an empty ground truth are skipped).
             overlay_slices: slices per overlay.
             title: heading of ``summary.md``.
 
@@ -287,6 +296,7 @@ class VolumeSegmentationPipeline:
         write_mask = map_writer(out, map_key=None, mask_key="mask")
         rows: list[dict] = []
         unit_thresholds: list[np.ndarray] = []
+        drawn = [0]  # overlays drawn so far
 
         def finish(index: int, data: dict, threshold: str | float) -> None:
             data["mask"] = self.binarize(data["map"], data["image"], threshold)
@@ -297,7 +307,10 @@ class VolumeSegmentationPipeline:
             if evaluation is not None:
                 spacing = [float(s) for s in convert_to_tensor(data["image"].pixdim).tolist()]
                 evaluation.add_mask(row["case"], data["mask"], data["seg"], spacing=spacing)
-            if index < num_overlays:
+            # with ground truth, draw the cases that have a target (a lesion-free overlay shows nothing)
+            worth_drawing = data.get("seg") is None or bool(convert_to_tensor(data["seg"]).any())
+            if drawn[0] < num_overlays and worth_drawing:
+                drawn[0] += 1
                 overlay = out / "overlays" / f"{row['case']}.png"
                 save_overlay(
                     overlay, data["image"], data["map"], data["mask"], data.get("seg"),
