@@ -100,6 +100,11 @@ def test_default_hyper_parameters(bundle):
     assert diffusion["learning_rate"] == pytest.approx(2e-4)
     assert diffusion["scheduler"]["num_train_timesteps"] == 1000 and diffusion["scheduler"]["schedule"] == "linear_beta"
     assert diffusion["task"] == {"brats": "brats", "chaos": "chaos"}[bundle]
+    # ignite deletes the oldest checkpoint before writing the next: keeping two means a kill mid-save still
+    # leaves a complete checkpoint to resume from
+    for config in TRAIN_CONFIGS:
+        savers = config_of(bundle, config)["train"]["checkpoint_savers"]
+        assert [s["n_saved"] for s in savers] == [2], config
     # AMP and torch.compile are CUDA-only switches: the same config stays valid on CPU with them on
     for config in TRAIN_CONFIGS:
         flags = config_of(bundle, config, use_amp=True, use_compile=True)
@@ -175,7 +180,9 @@ def test_resume_after_a_killed_run_loses_no_epoch(datasets, tmp_path):
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    state = _load_state(latest_checkpoint(ckpt_dir))["trainer"]
+    resume_from = latest_checkpoint(ckpt_dir)
+    assert resume_from is not None, f"no readable checkpoint left by the killed run: {sorted(os.listdir(ckpt_dir))}"
+    state = _load_state(resume_from)["trainer"]
     done = state["iteration"] // state["epoch_length"]  # ignite stores the iteration, the epoch follows
     assert done >= 2
     run_config("brats", "train_diffusion.json", datasets["brats"], tmp_path, max_epochs=done + 1, val_interval=1000)

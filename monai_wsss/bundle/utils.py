@@ -145,9 +145,9 @@ def latest_checkpoint(ckpt_dir: str | os.PathLike, prefix: str = "checkpoint", c
     The newest interval checkpoint written by MONAI's ``CheckpointSaver`` (``<prefix>_epoch=N.pt`` or
     ``<prefix>_iteration=N.pt``) in a folder, to resume a run from.
 
-    A run killed while writing a checkpoint leaves a truncated newest file next to the previous one (the saver
-    deletes the old file only after writing the new one); with ``check`` such a file is skipped, with a warning,
-    and the previous checkpoint is returned.
+    ignite's ``Checkpoint`` removes the oldest file *before* writing the new one, so the bundles keep two
+    (``n_saved=2``): a run killed while saving still leaves the previous complete checkpoint. An unreadable
+    file (truncated, or foreign) is skipped with ``check``, with a warning, and the previous checkpoint is returned.
 
     Args:
         ckpt_dir: folder of the checkpoints (may not exist yet).
