@@ -10,6 +10,7 @@ import torch
 from conftest import tiny_classifier, tiny_unet
 from monai_wsss.benchmark.table import build_methods, evaluate_method, load_eval_slices, maps_to_masks, write_table
 from monai_wsss.data import make_synthetic_dataset
+from monai_wsss.metrics import PixelAUCMetric
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +56,20 @@ def test_unknown_or_unavailable_methods_fail_clearly(scheduler):
         build_methods(["cfg"], scheduler, None, net)
 
 
+def test_pixel_scores_follow_the_map_reading():
+    from monai_wsss.benchmark.table import anomaly_scores
+
+    maps = torch.tensor([[[[-0.5, 0.2], [0.0, -0.1]]]])
+    assert torch.equal(anomaly_scores(maps, "signed"), torch.tensor([[[[0.0, 0.2], [0.0, 0.0]]]]))
+    assert torch.equal(anomaly_scores(maps, "abs"), maps.abs())
+    assert torch.equal(anomaly_scores(maps, None), maps)
+    # an "abs" method scores a strongly negative pixel as the most likely target
+    seg = torch.tensor([[[[1.0, 0.0], [0.0, 0.0]]]])
+    auc = PixelAUCMetric()
+    auc(anomaly_scores(maps, "abs"), seg)
+    assert auc.aggregate()["auroc"] == 1.0
+
+
 def test_fixed_threshold_mask_ignores_background():
     images = torch.full((1, 1, 4, 4), -1.0)
     images[..., :2, :] = 0.5
@@ -95,3 +110,44 @@ def test_ablation_sweeps_one_parameter_at_a_time_and_writes_plots(tmp_path):
     write_ablation(rows, tmp_path, {"slices_used": 4, "split": "validation", "cases_used": 1})
     assert (tmp_path / "ablation.png").stat().st_size > 1000
     assert "| 0.9 | 0.200 ± 0.010 |" in (tmp_path / "ablation.md").read_text()
+
+
+def test_table_command_uses_the_bundles_inference_defaults(tmp_path):
+    from pathlib import Path
+
+    from monai_wsss.benchmark.table import bundle_method_settings, main
+
+    bundle = Path(__file__).resolve().parents[1] / "bundles" / "brats_cdm"
+    settings = bundle_method_settings(bundle)
+    config = json.loads((bundle / "configs" / "inference.json").read_text())
+    assert settings == {k: config[k] for k in settings} and len(settings) == 7
+    data = tmp_path / "data"
+    make_synthetic_dataset(data, num_cases=5, shape=(64, 64, 12), seed=1)
+    args = ["--bundle_root", str(bundle), "--dataset_dir", str(data), "--methods", "threshold", "cdm",
+            "--max_slices", "3", "--repeats", "1", "--out_dir", str(tmp_path / "out"), "--device", "cpu"]
+    rows = main([*args, "--num_steps", "2"])
+    cdm = {r["method"]: r for r in rows}["cdm"]
+    # the bundle's Q and tau, the command line's R
+    assert cdm["setting"] == f"Q={settings['noise_level']}, R=2, tau={settings['tau']}"
+    assert (tmp_path / "out" / "table.md").is_file()
+    with pytest.raises(FileNotFoundError, match="inference.json"):
+        bundle_method_settings(tmp_path)
+
+
+def test_ablation_command_reads_maps_in_the_requested_mode(tmp_path):
+    from pathlib import Path
+
+    from monai_wsss.benchmark.ablation import main
+
+    bundle = Path(__file__).resolve().parents[1] / "bundles" / "brats_cdm"
+    data = tmp_path / "data"
+    make_synthetic_dataset(data, num_cases=5, shape=(64, 64, 12), seed=1)
+    common = ["--bundle_root", str(bundle), "--dataset_dir", str(data), "--split", "test", "--params", "tau",
+              "--grid", '{"tau": [0.8]}', "--max_slices", "3", "--repeats", "1", "--num_steps", "2", "--device", "cpu"]
+    signed = main([*common, "--out_dir", str(tmp_path / "signed")])
+    absolute = main([*common, "--out_dir", str(tmp_path / "abs"), "--map_mode", "abs"])
+    assert "map mode 'signed'" in (tmp_path / "signed" / "ablation.md").read_text()  # the BraTS task's default
+    assert "map mode 'abs'" in (tmp_path / "abs" / "ablation.md").read_text()
+    assert len(signed) == len(absolute) == 1
+    with pytest.raises(SystemExit):
+        main([*common, "--map_mode", "square"])

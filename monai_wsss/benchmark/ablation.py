@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from monai.networks.schedulers import DDIMScheduler
 
+from monai_wsss.apps.methods import default_map_mode
 from monai_wsss.benchmark.table import MethodSpec, evaluate_method, load_bundle_networks, load_eval_slices
 from monai_wsss.data import TASKS
 from monai_wsss.inferers import ConditionDifferenceInferer, NoiseEnsembleInferer
@@ -48,7 +49,7 @@ def sweep_settings(base: dict, sweeps: dict[str, list]) -> list[tuple[str, dict]
     return settings
 
 
-def _spec(setting: dict, scheduler, classifier) -> MethodSpec:
+def _spec(setting: dict, scheduler, classifier, map_mode: str = "signed") -> MethodSpec:
     inner = ConditionDifferenceInferer(
         scheduler,
         noise_level=int(setting["noise_level"]),
@@ -59,7 +60,7 @@ def _spec(setting: dict, scheduler, classifier) -> MethodSpec:
     )
     inferer = inner if int(setting["ensemble"]) == 1 else NoiseEnsembleInferer(inner, num_samples=int(setting["ensemble"]))
     name = "cg_cdm" if setting["guidance_scale"] > 0 else "cdm"
-    return MethodSpec(name, inferer, "signed", True, setting=json.dumps(setting, sort_keys=True))
+    return MethodSpec(name, inferer, map_mode, True, setting=json.dumps(setting, sort_keys=True))
 
 
 def run_ablation(args: argparse.Namespace) -> list[dict]:
@@ -80,11 +81,14 @@ def run_ablation(args: argparse.Namespace) -> list[dict]:
     sweeps = {k: v for k, v in grid.items() if k in args.params}
     if "guidance_scale" in sweeps and clf is None:
         raise ValueError("sweeping guidance_scale needs the bundle's classifier (models/classifier.pt).")
+    # the task's map reading (signed for hyperintense BraTS tumours, abs for CHAOS kidneys) unless overridden
+    map_mode = args.map_mode or default_map_mode("cdm", args.task)
+    info["map_mode"] = map_mode
     rows, cache = [], {}
     for param, setting in sweep_settings(base, sweeps):
         key = json.dumps(setting, sort_keys=True)
         if key not in cache:  # the base setting appears in every sweep: evaluate it once
-            spec = _spec(setting, sched, clf)
+            spec = _spec(setting, sched, clf, map_mode)
             cache[key] = evaluate_method(spec, net, clf if setting["guidance_scale"] > 0 else None, images, segs,
                                          repeats=args.repeats, batch_size=args.batch_size, seed=args.seed)
         row = {"parameter": param, **setting, **{k: v for k, v in cache[key].items() if k not in ("method", "setting")}}
@@ -103,7 +107,11 @@ def write_ablation(rows: list[dict], out_dir: str | Path, info: dict) -> None:
         writer.writeheader()
         writer.writerows(rows)
     params = list(dict.fromkeys(r["parameter"] for r in rows))
-    lines = [f"{info['slices_used']} positive {info['split']} slices of {info['cases_used']} cases; mean ± std over noise seeds when repeated.", ""]
+    lines = [
+        f"{info['slices_used']} positive {info['split']} slices of {info['cases_used']} cases; map mode "
+        f"{info.get('map_mode', 'signed')!r}; mean ± std over noise seeds when repeated.",
+        "",
+    ]
     for p in params:
         lines += [f"| {p} | Dice | mIoU | HD95 | pixel AUROC |", "|---|---|---|---|---|"]
         for r in (r for r in rows if r["parameter"] == p):
@@ -148,6 +156,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--noise_level", type=int, default=200)
     p.add_argument("--num_steps", type=int, default=10)
     p.add_argument("--tau", type=float, default=0.95)
+    p.add_argument("--map_mode", default=None, choices=["signed", "abs"], help="map reading (default: the task's)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p
 

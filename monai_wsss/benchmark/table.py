@@ -49,12 +49,15 @@ __all__ = [
     "build_methods",
     "load_bundle_networks",
     "load_eval_slices",
+    "bundle_method_settings",
+    "anomaly_scores",
     "evaluate_method",
     "run_table",
     "write_table",
     "main",
 ]
 
+METHOD_SETTINGS = ("noise_level", "num_steps", "tau", "guidance_scale", "cgdiff_level", "cgdiff_guidance", "cfg_scale")
 ALL_METHODS = (
     "threshold",
     "threshold_fixed",
@@ -212,6 +215,18 @@ def build_methods(
     return specs
 
 
+def anomaly_scores(maps: torch.Tensor, map_mode: str | None) -> torch.Tensor:
+    """
+    The continuous pixel scores that AUROC / AUPRC rank, read like the masks are: the positive part of a signed
+    map, the magnitude of an ``"abs"`` map, the raw values otherwise (``"minmax"``, or no normalisation).
+    """
+    if map_mode == "signed":
+        return maps.clamp_min(0)
+    if map_mode == "abs":
+        return maps.abs()
+    return maps
+
+
 def maps_to_masks(maps: torch.Tensor, images: torch.Tensor, spec: MethodSpec) -> torch.Tensor:
     """The shared post-processing: normalise inside the body, then per-slice Otsu (or the method's fixed threshold)."""
     body = (images > -1 + 1e-6).float()  # model space maps intensity 0 (background) to -1
@@ -255,7 +270,7 @@ def evaluate_method(
             seconds += time.perf_counter() - tic
             masks = maps_to_masks(maps, x.cpu(), spec)
             scores(masks, y)
-            auc(maps if spec.map_mode != "signed" else maps.clamp_min(0), y, body_mask=(x.cpu() > -1 + 1e-6).float())
+            auc(anomaly_scores(maps, spec.map_mode), y, body_mask=(x.cpu() > -1 + 1e-6).float())
         runs.append({**scores.aggregate(), **auc.aggregate()})
     n_runs = len(runs)
 
@@ -384,19 +399,42 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--split_seed", type=int, default=0)
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--num_train_timesteps", type=int, default=1000)
-    p.add_argument("--noise_level", type=int, default=200)
-    p.add_argument("--num_steps", type=int, default=10)
-    p.add_argument("--tau", type=float, default=0.95)
-    p.add_argument("--guidance_scale", type=float, default=10.0)
-    p.add_argument("--cgdiff_level", type=int, default=400)
-    p.add_argument("--cgdiff_guidance", type=float, default=100.0)
-    p.add_argument("--cfg_scale", type=float, default=3.0)
+    # method settings: default to the bundle's own inference defaults (configs/inference.json)
+    p.add_argument("--noise_level", type=int, default=None, help="CDM / CG-CDM Q (default: the bundle's)")
+    p.add_argument("--num_steps", type=int, default=None, help="CDM / CG-CDM R (default: the bundle's)")
+    p.add_argument("--tau", type=float, default=None, help="CDM / CG-CDM tau (default: the bundle's)")
+    p.add_argument("--guidance_scale", type=float, default=None, help="CG-CDM s (default: the bundle's)")
+    p.add_argument("--cgdiff_level", type=int, default=None, help="CG-Diff / cfg L (default: the bundle's)")
+    p.add_argument("--cgdiff_guidance", type=float, default=None, help="CG-Diff s (default: the bundle's)")
+    p.add_argument("--cfg_scale", type=float, default=None, help="classifier-free w (default: the bundle's)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p
 
 
+def bundle_method_settings(bundle_root: str | Path) -> dict:
+    """
+    The method settings of a bundle's ``configs/inference.json`` (the defaults a bundle user runs with).
+
+    Raises:
+        FileNotFoundError: the bundle has no ``configs/inference.json``.
+        KeyError: the config lacks one of ``METHOD_SETTINGS`` (named).
+    """
+    path = Path(bundle_root) / "configs" / "inference.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"bundle inference config not found: {path}")
+    config = json.loads(path.read_text())
+    missing = [k for k in METHOD_SETTINGS if k not in config]
+    if missing:
+        raise KeyError(f"{path} lacks the method settings {missing}.")
+    return {k: config[k] for k in METHOD_SETTINGS}
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parser().parse_args(argv)
+    defaults = bundle_method_settings(args.bundle_root)
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     if args.skip_unavailable and "cfg" in args.methods:
         print("note: 'cfg' is skipped when the bundle's network has no null class")
     rows, _ = run_table(args)
