@@ -300,7 +300,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--methods", nargs="+", default=None, help="methods to run (default: cdm cg_cdm cg_diff)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(name)s - %(message)s", stream=sys.stdout)
-    stats_logger = logging.getLogger("monai.handlers.StatsHandler")
+    # create MONAI's StatsHandler logger the way MONAI does (stdout handler, no propagation) before filtering it:
+    # a plain getLogger here made MONAI skip its handler later, and no training line was printed
+    from monai.apps import get_logger
+
+    stats_logger = get_logger("monai.handlers.StatsHandler")
     if not any(isinstance(f, _EpochEndFilter) for f in stats_logger.filters):
         stats_logger.addFilter(_EpochEndFilter())
     if args.threads > 0:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import nibabel as nib
 import numpy as np
@@ -36,3 +37,22 @@ def test_quick_demo_runs_every_step_through_the_bundle(tmp_path, capsys):
 def test_demo_rejects_unknown_methods(tmp_path):
     with pytest.raises(ValueError, match="unknown demo method"):
         demo.run_demo(tmp_path, {**demo.QUICK_SETTINGS, "methods": ("cdm", "gradcam")})
+
+
+@pytest.mark.slow
+def test_demo_command_prints_one_training_line_per_epoch(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "monai_wsss.demo", "--quick", "--out_dir", str(tmp_path)]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = [line for line in out.stdout.splitlines() if "train_loss" in line]
+    # diffusion and classifier trainings, one epoch each at --quick: only each epoch's last iteration is logged
+    epochs = demo.QUICK_SETTINGS["diffusion_epochs"] + demo.QUICK_SETTINGS["classifier_epochs"]
+    assert len(lines) == epochs, out.stdout[-2000:]
+    for line in lines:
+        done, total = re.search(r"Iter: (\d+)/(\d+)", line).groups()
+        assert done == total, line
