@@ -140,7 +140,9 @@ def test_evaluate_differs_from_inference_only_where_documented():
         differ = {k for k in set(infer) | set(evaluate) if infer.get(k) != evaluate.get(k)}
         assert differ == {"output_dir", "num_overlays", "evaluate"}
     brats, chaos = _raw("brats", "evaluate.json"), _raw("chaos", "evaluate.json")
-    assert {k for k in brats if brats[k] != chaos.get(k)} == {"bundle_root", "task", "modality"}
+    # the CHAOS weights were trained with a null class (classifier-free guidance, method cfg); the BraTS ones not
+    assert {k for k in brats if brats[k] != chaos.get(k)} == {"bundle_root", "task", "modality", "null_class"}
+    assert chaos["null_class"] is True and brats["null_class"] is False
 
 
 def test_default_bundle_root_is_the_bundle_wherever_the_command_runs(tmp_path, monkeypatch):
@@ -241,7 +243,11 @@ def test_classifier_free_guidance_needs_a_null_class(env, tmp_path):
 
 
 def test_chaos_bundle_on_a_chaos_folder(env, tmp_path):
-    result = run_bundle(env, "evaluate.json", bundle="chaos", dataset_dir=str(env["chaos"]), output_dir=str(tmp_path), num_overlays=1)
+    # the CHAOS bundle's weights have a null class: the tiny test weights with one stand in for them, and cfg runs
+    result = run_bundle(
+        env, "evaluate.json", bundle="chaos", dataset_dir=str(env["chaos"]), output_dir=str(tmp_path), num_overlays=1,
+        model_path=str(env["models"] / "model_null.pt"), method="cfg",
+    )
     assert [r["case"] for r in result["rows"]] == ["1", "2", "3"]
     assert result["summary"]["num_cases"] == 3
     for i, row in enumerate(result["rows"]):
