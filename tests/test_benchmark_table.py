@@ -57,16 +57,16 @@ def test_unknown_or_unavailable_methods_fail_clearly(scheduler):
 
 
 def test_pixel_scores_follow_the_map_reading():
-    from monai_wsss.benchmark.table import anomaly_scores
+    from monai_wsss.transforms import oriented_map
 
     maps = torch.tensor([[[[-0.5, 0.2], [0.0, -0.1]]]])
-    assert torch.equal(anomaly_scores(maps, "signed"), torch.tensor([[[[0.0, 0.2], [0.0, 0.0]]]]))
-    assert torch.equal(anomaly_scores(maps, "abs"), maps.abs())
-    assert torch.equal(anomaly_scores(maps, None), maps)
+    assert torch.equal(oriented_map(maps, "signed"), torch.tensor([[[[0.0, 0.2], [0.0, 0.0]]]]))
+    assert torch.equal(oriented_map(maps, "abs"), maps.abs())
+    assert torch.equal(oriented_map(maps, None), maps)
     # an "abs" method scores a strongly negative pixel as the most likely target
     seg = torch.tensor([[[[1.0, 0.0], [0.0, 0.0]]]])
     auc = PixelAUCMetric()
-    auc(anomaly_scores(maps, "abs"), seg)
+    auc(oriented_map(maps, "abs"), seg)
     assert auc.aggregate()["auroc"] == 1.0
 
 

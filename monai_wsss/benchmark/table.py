@@ -42,7 +42,7 @@ from monai_wsss.inferers import (
     IntensityThresholdInferer,
 )
 from monai_wsss.metrics import PixelAUCMetric, SegmentationScores
-from monai_wsss.transforms import NormalizeMap, OtsuThreshold
+from monai_wsss.transforms import NormalizeMap, OtsuThreshold, oriented_map
 
 __all__ = [
     "MethodSpec",
@@ -50,7 +50,6 @@ __all__ = [
     "load_bundle_networks",
     "load_eval_slices",
     "bundle_method_settings",
-    "anomaly_scores",
     "evaluate_method",
     "run_table",
     "write_table",
@@ -215,18 +214,6 @@ def build_methods(
     return specs
 
 
-def anomaly_scores(maps: torch.Tensor, map_mode: str | None) -> torch.Tensor:
-    """
-    The continuous pixel scores that AUROC / AUPRC rank, read like the masks are: the positive part of a signed
-    map, the magnitude of an ``"abs"`` map, the raw values otherwise (``"minmax"``, or no normalisation).
-    """
-    if map_mode == "signed":
-        return maps.clamp_min(0)
-    if map_mode == "abs":
-        return maps.abs()
-    return maps
-
-
 def maps_to_masks(maps: torch.Tensor, images: torch.Tensor, spec: MethodSpec) -> torch.Tensor:
     """The shared post-processing: normalise inside the body, then per-slice Otsu (or the method's fixed threshold)."""
     body = (images > -1 + 1e-6).float()  # model space maps intensity 0 (background) to -1
@@ -270,7 +257,8 @@ def evaluate_method(
             seconds += time.perf_counter() - tic
             masks = maps_to_masks(maps, x.cpu(), spec)
             scores(masks, y)
-            auc(anomaly_scores(maps, spec.map_mode), y, body_mask=(x.cpu() > -1 + 1e-6).float())
+            # pixel scores read like the masks are (e.g. |a| for an "abs" map), on the raw scale
+            auc(oriented_map(maps, spec.map_mode), y, body_mask=(x.cpu() > -1 + 1e-6).float())
         runs.append({**scores.aggregate(), **auc.aggregate()})
     n_runs = len(runs)
 
@@ -341,6 +329,10 @@ def run_table(args: argparse.Namespace) -> tuple[list[dict], str]:
     """Run the benchmark described by parsed command-line ``args``; see :func:`main`."""
     from monai.networks.schedulers import DDIMScheduler
 
+    # method settings left unset (None) take the bundle's own inference defaults
+    for key, value in bundle_method_settings(args.bundle_root).items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     net, clf = load_bundle_networks(args.bundle_root, device)
@@ -431,10 +423,6 @@ def bundle_method_settings(bundle_root: str | Path) -> dict:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parser().parse_args(argv)
-    defaults = bundle_method_settings(args.bundle_root)
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
     if args.skip_unavailable and "cfg" in args.methods:
         print("note: 'cfg' is skipped when the bundle's network has no null class")
     rows, _ = run_table(args)

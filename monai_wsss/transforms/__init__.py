@@ -15,6 +15,7 @@ from monai_wsss.transforms.weak_label import MapTargetLabels, MapTargetLabelsd, 
 from monai_wsss.transforms.postprocess import (
     CopyMetaFromd,
     NormalizeMap,
+    oriented_map,
     NormalizeMapd,
     OtsuThreshold,
     OtsuThresholdd,
@@ -40,6 +41,7 @@ __all__ = [
     # map post-processing
     "CopyMetaFromd",
     "NormalizeMap",
+    "oriented_map",
     "NormalizeMapd",
     "OtsuThreshold",
     "OtsuThresholdd",

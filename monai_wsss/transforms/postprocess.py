@@ -42,6 +42,7 @@ from monai.transforms.transform import MapTransform, Transform
 from monai.utils import TransformBackends, convert_to_dst_type, convert_to_tensor
 
 __all__ = [
+    "oriented_map",
     "NormalizeMap",
     "NormalizeMapd",
     "OtsuThreshold",
@@ -54,6 +55,23 @@ __all__ = [
 ]
 
 NORMALIZE_MODES = ("signed", "abs", "minmax")
+
+
+def oriented_map(values: torch.Tensor, mode: str | None) -> torch.Tensor:
+    """
+    The side of a map that marks the target, before any scaling: the positive part for ``"signed"``, the magnitude
+    for ``"abs"``, the values unchanged otherwise (``"minmax"``, or ``None``: no reading).
+
+    Example::
+
+        >>> oriented_map(torch.tensor([-0.5, 0.2]), "abs")
+        tensor([0.5000, 0.2000])
+    """
+    if mode == "signed":
+        return values.clamp_min(0)
+    if mode == "abs":
+        return values.abs()
+    return values
 
 
 def _check_item(img: NdarrayOrTensor, name: str) -> None:
@@ -185,8 +203,7 @@ class NormalizeMap(Transform):
             vmin = torch.where(flat_body, flat, inf).amin(1, keepdim=True)
             shifted = torch.where(flat_body, flat - torch.where(torch.isinf(vmin), zero, vmin), zero)
         else:
-            shifted = flat.clamp_min(0) if self.mode == "signed" else flat.abs()
-            shifted = torch.where(flat_body, shifted, zero)
+            shifted = torch.where(flat_body, oriented_map(flat, self.mode), zero)
         scale = shifted.amax(1, keepdim=True)
         valid = contrast[:, None] & (scale > 0)
         out = torch.where(valid, shifted / torch.where(valid, scale, torch.ones_like(scale)), zero)
