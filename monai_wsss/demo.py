@@ -32,7 +32,7 @@ import torch
 
 from monai_wsss.apps.reports import format_summary_table
 
-__all__ = ["DEMO_SETTINGS", "QUICK_SETTINGS", "find_bundle", "run_bundle_config", "run_demo", "main"]
+__all__ = ["DEMO_SETTINGS", "QUICK_SETTINGS", "find_bundle", "log_one_line_per_epoch", "run_bundle_config", "run_demo", "main"]
 
 logger = logging.getLogger("monai_wsss.demo")
 
@@ -83,6 +83,25 @@ class _EpochEndFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         match = self._iteration.search(record.getMessage())
         return match is None or match.group(1) == match.group(2)
+
+
+def log_one_line_per_epoch() -> logging.Logger:
+    """
+    Make MONAI's ``StatsHandler`` log only the last iteration of each epoch (one line per epoch instead of one per
+    iteration), for short CPU trainings in the demo and the tutorials. Idempotent.
+
+    The logger is created with MONAI's ``get_logger``, as ``StatsHandler`` does: creating it with a plain
+    ``logging.getLogger`` first makes MONAI skip its stdout handler, and no training line is printed at all.
+
+    Returns:
+        the ``monai.handlers.StatsHandler`` logger.
+    """
+    from monai.apps import get_logger
+
+    stats_logger = get_logger("monai.handlers.StatsHandler")
+    if not any(isinstance(f, _EpochEndFilter) for f in stats_logger.filters):
+        stats_logger.addFilter(_EpochEndFilter())
+    return stats_logger
 
 
 def find_bundle(name: str = "brats_cdm") -> Path:
@@ -300,13 +319,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--methods", nargs="+", default=None, help="methods to run (default: cdm cg_cdm cg_diff)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(name)s - %(message)s", stream=sys.stdout)
-    # create MONAI's StatsHandler logger the way MONAI does (stdout handler, no propagation) before filtering it:
-    # a plain getLogger here made MONAI skip its handler later, and no training line was printed
-    from monai.apps import get_logger
-
-    stats_logger = get_logger("monai.handlers.StatsHandler")
-    if not any(isinstance(f, _EpochEndFilter) for f in stats_logger.filters):
-        stats_logger.addFilter(_EpochEndFilter())
+    log_one_line_per_epoch()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     settings = dict(QUICK_SETTINGS if args.quick else DEMO_SETTINGS)
