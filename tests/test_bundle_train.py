@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -9,18 +10,22 @@ import signal
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import pytest
 import torch
 from monai.bundle import ConfigParser, run, verify_metadata
 
+import monai_wsss.bundle.utils
 from monai_wsss.bundle import (
     ExponentialMovingAverage,
     SeededEvaluation,
     ema_copy,
+    init_distributed,
     latest_checkpoint,
     prepare_splits,
+    release_distributed,
     select_slices,
     verify_bundle_networks,
 )
@@ -205,6 +210,39 @@ def test_two_process_gloo_training(datasets, tmp_path):
     # each rank ran 2 iterations per epoch on its half of the data
     assert checkpoint["trainer"]["iteration"] == 4
     assert (tmp_path / "models" / "model.pt").is_file()
+
+
+def test_release_distributed_frees_a_ddp_wrapper_in_a_cycle_before_exit(monkeypatch):
+    # a one-process gloo group stands in for torchrun's environment
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1"}.items():
+        monkeypatch.setenv(key, value)
+    registered = []
+    monkeypatch.setattr(atexit, "register", registered.append)
+    monkeypatch.setattr(monai_wsss.bundle.utils, "_release_registered", False)
+    try:
+        assert init_distributed("gloo") == 0
+        assert init_distributed("gloo") == 0  # already up: joins nothing new
+        assert torch.distributed.is_initialized() and torch.distributed.get_backend() == "gloo"
+        assert registered.count(release_distributed) == 1
+        ddp = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 2))
+        ddp(torch.ones(1, 2)).sum().backward()
+        holder = {"network": ddp}
+        holder["self"] = holder  # a reference cycle, as ignite engines and their handlers make
+        alive = weakref.ref(ddp)
+        del ddp, holder
+        assert alive() is not None  # only the garbage collector frees it
+        release_distributed()
+        assert alive() is None
+        assert not torch.distributed.is_initialized()
+        release_distributed()  # a second call (the exit hook after the bundle's finalize) is harmless
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def test_tracking_mlflow_override(datasets, tmp_path):

@@ -5,8 +5,10 @@ from monai_wsss.bundle.handlers import ExponentialMovingAverage, SeededEvaluatio
 from monai_wsss.bundle.utils import (
     BUNDLE_TASKS,
     distributed_rank,
+    init_distributed,
     latest_checkpoint,
     prepare_splits,
+    release_distributed,
     select_slices,
     verify_bundle_networks,
 )
@@ -17,8 +19,10 @@ __all__ = [
     "SeededEvaluation",
     "distributed_rank",
     "ema_copy",
+    "init_distributed",
     "latest_checkpoint",
     "prepare_splits",
+    "release_distributed",
     "select_slices",
     "verify_bundle_networks",
 ]
