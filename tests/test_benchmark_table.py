@@ -151,3 +151,22 @@ def test_ablation_command_reads_maps_in_the_requested_mode(tmp_path):
     assert len(signed) == len(absolute) == 1
     with pytest.raises(SystemExit):
         main([*common, "--map_mode", "square"])
+
+
+def test_keep_small_targets_brings_back_what_the_5_percent_rule_drops(tmp_path):
+    import nibabel as nib
+    import numpy as np
+
+    # the synthetic lesions as CHAOS kidneys (label 2): all cover less than 5 % of a slice, as on CHAOS validation
+    for i, item in enumerate(make_synthetic_dataset(tmp_path / "brats", num_cases=6, shape=(64, 64, 24), seed=0)):
+        seg = nib.load(item["seg"])
+        nib.save(nib.load(item["image"]), tmp_path / f"image_{i + 1}.nii.gz")
+        kidney = (np.asarray(seg.dataobj) > 0).astype(np.uint8) * 2
+        nib.save(nib.Nifti1Image(kidney, seg.affine), tmp_path / f"label_{i + 1}.nii.gz")
+    kwargs = dict(split="validation", max_slices=None, spatial_size=(32, 32), val_fraction=0.3, test_fraction=0.3)
+    with pytest.raises(ValueError, match="no slice with target"):
+        load_eval_slices(tmp_path, "chaos", **kwargs)
+    _, segs, info = load_eval_slices(tmp_path, "chaos", keep_small_targets=True, **kwargs)
+    fractions = segs.flatten(1).mean(1)
+    assert info["eval_min_fraction"] is None and info["slices_used"] == segs.shape[0] > 0
+    assert (fractions > 0).all() and (fractions < 0.05).all()

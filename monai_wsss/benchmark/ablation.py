@@ -70,7 +70,7 @@ def run_ablation(args: argparse.Namespace) -> list[dict]:
     net, clf = load_bundle_networks(args.bundle_root, device)
     images, segs, info = load_eval_slices(
         args.dataset_dir, args.task, split=args.split, max_slices=args.max_slices, seed=args.seed,
-        spatial_size=(args.size, args.size), cache_dir=args.cache_dir,
+        spatial_size=(args.size, args.size), cache_dir=args.cache_dir, keep_small_targets=args.keep_small_targets,
     )
     sched = DDIMScheduler(num_train_timesteps=1000, schedule="linear_beta", clip_sample=False)
     base = {"noise_level": args.noise_level, "num_steps": args.num_steps, "tau": args.tau, "guidance_scale": 0.0, "ensemble": 1}
@@ -156,6 +156,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--noise_level", type=int, default=200)
     p.add_argument("--num_steps", type=int, default=10)
     p.add_argument("--tau", type=float, default=0.95)
+    p.add_argument("--keep_small_targets", action="store_true",
+                   help="keep slices the task's minimum-target rule drops (CHAOS validation has none left under it)")
     p.add_argument("--map_mode", default=None, choices=["signed", "abs"], help="map reading (default: the task's)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p

@@ -123,9 +123,15 @@ def load_eval_slices(
     test_fraction: float = 0.2,
     spatial_size: Sequence[int] = (64, 64),
     cache_dir: str | Path | None = None,
+    keep_small_targets: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """
     Positive evaluation slices of one split in model space, a seeded subset of at most ``max_slices``.
+
+    Args:
+        keep_small_targets: keep the slices the task's ``eval_min_fraction`` rule drops (CHAOS: kidney under 5 %
+            of the slice), as the bundles' training validation does; the CHAOS validation cases have no slice
+            left under the rule, so tuning on them needs this.
 
     Returns:
         ``(images, segs, info)``: (N, 1, h, w) images in [-1, 1], (N, 1, h, w) binary masks, and a dict with the
@@ -134,7 +140,8 @@ def load_eval_slices(
     splits = prepare_splits(dataset_dir, task, val_fraction, test_fraction, split_seed)
     if split not in splits or not splits[split]:
         raise ValueError(f"split {split!r} of {dataset_dir} is empty (splits: { {k: len(v) for k, v in splits.items()} }).")
-    ds = build_slice_dataset(splits[split], task, spatial_size=spatial_size, cache_dir=cache_dir, split="eval")
+    preset = TASKS[task].replace(eval_min_fraction=None) if keep_small_targets else task
+    ds = build_slice_dataset(splits[split], preset, spatial_size=spatial_size, cache_dir=cache_dir, split="eval")
     positives = [i for i in range(len(ds)) if float(ds[i]["seg"].sum()) > 0]
     if not positives:
         raise ValueError(f"split {split!r} of {dataset_dir} has no slice with target.")
@@ -144,6 +151,7 @@ def load_eval_slices(
     segs = torch.stack([torch.as_tensor(ds[i]["seg"]) for i in chosen]).float()
     info = {
         "split": split,
+        "eval_min_fraction": None if keep_small_targets else TASKS[task].eval_min_fraction,
         "cases": len(splits[split]),
         "positive_slices": len(positives),
         "slices_used": len(chosen),
