@@ -93,7 +93,11 @@ def test_build_method_inferer(scheduler):
     cdm = build_method_inferer("cdm", scheduler, net, noise_level=30, num_steps=3, tau=0.9)
     assert isinstance(cdm, ConditionDifferenceInferer) and cdm.guidance_scale == 0 and cdm.num_steps == 3
     cg = build_method_inferer("cg_cdm", scheduler, net, clf, guidance_scale=5.0)
-    assert cg.guidance_scale == 5.0 and cg.classifier is clf
+    assert cg.guidance_scale == 5.0 and cg.classifier is clf and cg.num_steps == 10  # R defaults to num_steps
+    # each CDM variant keeps its own R: guided_num_steps reaches CG-CDM only
+    kw = dict(noise_level=30, num_steps=3, guidance_scale=5.0, guided_num_steps=6)
+    assert build_method_inferer("cg_cdm", scheduler, net, clf, **kw).num_steps == 6
+    assert build_method_inferer("cdm", scheduler, net, clf, **kw).num_steps == 3
     cgd = build_method_inferer("cg_diff", scheduler, net, clf, cgdiff_level=40, cgdiff_guidance=50.0)
     assert isinstance(cgd, GuidedDiffusionAnomalyInferer) and (cgd.noise_level, cgd.mode) == (40, "classifier")
     cfg = build_method_inferer("cfg", scheduler, tiny_unet(null_class=True), cfg_scale=2.0)

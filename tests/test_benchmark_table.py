@@ -115,12 +115,12 @@ def test_ablation_sweeps_one_parameter_at_a_time_and_writes_plots(tmp_path):
 def test_table_command_uses_the_bundles_inference_defaults(tmp_path):
     from pathlib import Path
 
-    from monai_wsss.benchmark.table import bundle_method_settings, main
+    from monai_wsss.benchmark.table import METHOD_SETTINGS, bundle_method_settings, main
 
     bundle = Path(__file__).resolve().parents[1] / "bundles" / "brats_cdm"
     settings = bundle_method_settings(bundle)
     config = json.loads((bundle / "configs" / "inference.json").read_text())
-    assert settings == {k: config[k] for k in settings} and len(settings) == 7
+    assert settings == {k: config[k] for k in settings} and len(settings) == len(METHOD_SETTINGS) == 8
     data = tmp_path / "data"
     make_synthetic_dataset(data, num_cases=5, shape=(64, 64, 12), seed=1)
     args = ["--bundle_root", str(bundle), "--dataset_dir", str(data), "--methods", "threshold", "cdm",
@@ -170,3 +170,21 @@ def test_keep_small_targets_brings_back_what_the_5_percent_rule_drops(tmp_path):
     fractions = segs.flatten(1).mean(1)
     assert info["eval_min_fraction"] is None and info["slices_used"] == segs.shape[0] > 0
     assert (fractions > 0).all() and (fractions < 0.05).all()
+
+
+def test_speed_benchmark_takes_the_bundles_settings_unless_overridden():
+    import argparse
+    from pathlib import Path
+
+    from monai_wsss.benchmark.speed import SPEED_SETTINGS, resolve_speed_settings
+    from monai_wsss.benchmark.table import bundle_method_settings
+
+    bundle = Path(__file__).resolve().parents[1] / "bundles" / "brats_cdm"
+    unset = {option: None for option in SPEED_SETTINGS}
+    args = resolve_speed_settings(argparse.Namespace(bundle_root=str(bundle), **{**unset, "cgdiff_guidance": 7.0}))
+    settings = bundle_method_settings(bundle)
+    assert (args.cdm_steps, args.cg_cdm_steps) == (settings["num_steps"], settings["guided_num_steps"])
+    assert (args.cdm_noise_level, args.cdm_guidance) == (settings["noise_level"], settings["guidance_scale"])
+    assert args.cgdiff_guidance == 7.0  # the command line wins
+    plain = resolve_speed_settings(argparse.Namespace(bundle_root=None, **unset))
+    assert (plain.cdm_steps, plain.cg_cdm_steps, plain.cgdiff_level) == (10, None, 400)

@@ -66,6 +66,7 @@ def build_method_inferer(
     num_steps: int = 10,
     tau: float = 0.95,
     guidance_scale: float = 10.0,
+    guided_num_steps: int | None = None,
     cgdiff_level: int = 400,
     cgdiff_guidance: float = 100.0,
     cfg_scale: float = 3.0,
@@ -79,7 +80,8 @@ def build_method_inferer(
 
     - ``"cdm"``: :py:class:`~monai_wsss.inferers.ConditionDifferenceInferer`, noise level ``noise_level`` (Q),
       ``num_steps`` (R), ``tau``, no guidance.
-    - ``"cg_cdm"``: the same with classifier guidance ``guidance_scale`` (s > 0), needs ``classifier``.
+    - ``"cg_cdm"``: the same with classifier guidance ``guidance_scale`` (s > 0) and ``guided_num_steps`` steps
+      when given, needs ``classifier``.
     - ``"cg_diff"``: :py:class:`~monai_wsss.inferers.GuidedDiffusionAnomalyInferer` in classifier mode, encoding
       level ``cgdiff_level`` (L), guidance ``cgdiff_guidance``, needs ``classifier``.
     - ``"cfg"``: the same in classifier-free mode with weight ``cfg_scale``; needs a network trained with a
@@ -99,6 +101,8 @@ def build_method_inferer(
         num_steps: CDM DDIM steps R.
         tau: CDM interpolation weight.
         guidance_scale: CG-CDM classifier guidance scale s.
+        guided_num_steps: CG-CDM DDIM steps R (``None``: ``num_steps``); guidance gains from more steps where
+            plain CDM does not, so each can keep its own tuned R.
         cgdiff_level: CG-Diff / classifier-free encoding level L.
         cgdiff_guidance: CG-Diff classifier guidance scale.
         cfg_scale: classifier-free guidance weight w.
@@ -144,7 +148,7 @@ def build_method_inferer(
         return ConditionDifferenceInferer(
             scheduler,
             noise_level=noise_level,
-            num_steps=num_steps,
+            num_steps=int(guided_num_steps) if method == "cg_cdm" and guided_num_steps is not None else num_steps,
             tau=tau,
             target_class=target_class,
             reference_class=reference_class,

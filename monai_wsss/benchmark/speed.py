@@ -3,10 +3,11 @@
 Speed benchmark: per-slice wall time of CDM, CG-CDM and CG-Diff on the same network, batch and device, and the
 time of a whole 240 x 240 x 155 volume through CDM with :class:`~monai_wsss.inferers.VolumeInferer`.
 
-    python -m monai_wsss.benchmark speed --out_dir outputs/speed [--weights bundles/brats_cdm/models/model.pt]
+    python -m monai_wsss.benchmark speed --out_dir outputs/speed [--bundle_root bundles/brats_cdm]
 
-Timing does not depend on the weights' values, so untrained networks of the bundle's architecture are used unless
-weights are given.
+With ``--bundle_root`` each method runs at the bundle's ``configs/inference.json`` defaults with the bundle's
+networks; options given on the command line override them. Without it, timing does not depend on the weights'
+values, so untrained networks of the bundles' architecture are used unless ``--weights`` are given.
 """
 
 from __future__ import annotations
@@ -20,10 +21,21 @@ import numpy as np
 import torch
 from monai.networks.schedulers import DDIMScheduler
 
+from monai_wsss.benchmark.table import bundle_method_settings, load_bundle_networks
 from monai_wsss.inferers import ConditionDifferenceInferer, GuidedDiffusionAnomalyInferer, VolumeInferer
 from monai_wsss.networks.nets import ConditionalDiffusionUNet, NoisyClassifier
 
-__all__ = ["default_networks", "time_call", "run_speed_benchmark", "main"]
+__all__ = ["default_networks", "time_call", "run_speed_benchmark", "resolve_speed_settings", "main"]
+
+# speed option -> the bundle inference.json key that gives its default, and the default without a bundle
+SPEED_SETTINGS = {
+    "cdm_noise_level": ("noise_level", 200),
+    "cdm_steps": ("num_steps", 10),
+    "cdm_guidance": ("guidance_scale", 10.0),
+    "cg_cdm_steps": ("guided_num_steps", None),
+    "cgdiff_level": ("cgdiff_level", 400),
+    "cgdiff_guidance": ("cgdiff_guidance", 100.0),
+}
 
 UNET_DEFAULTS = dict(
     spatial_dims=2,
@@ -67,6 +79,7 @@ def run_speed_benchmark(
     cdm_noise_level: int = 200,
     cdm_steps: int = 10,
     cdm_guidance: float = 10.0,
+    cg_cdm_steps: int | None = None,
     cgdiff_level: int = 400,
     cgdiff_guidance: float = 100.0,
     volume_shape: tuple[int, int, int] = (240, 240, 155),
@@ -74,20 +87,30 @@ def run_speed_benchmark(
     weights: str | None = None,
     classifier_weights: str | None = None,
     device: str = "cpu",
+    bundle_root: str | None = None,
 ) -> dict:
     """
     Time every method on one batch of ``batch`` slices and CDM on a whole volume.
 
+    CDM runs ``cdm_steps`` steps, CG-CDM ``cg_cdm_steps`` (``None``: ``cdm_steps``), as the bundles' ``num_steps``
+    and ``guided_num_steps``. With ``bundle_root`` the networks are the bundle's (``weights`` are then ignored).
+
     Returns:
         a dict with seconds per slice of each method, ratios to CDM and the volume time.
     """
-    net, clf = default_networks(size, weights, classifier_weights, device)
+    if bundle_root is not None:
+        net, clf = load_bundle_networks(bundle_root, torch.device(device))
+        if clf is None:
+            raise FileNotFoundError(f"the speed benchmark needs the classifier: {Path(bundle_root) / 'models' / 'classifier.pt'}")
+    else:
+        net, clf = default_networks(size, weights, classifier_weights, device)
     sched = DDIMScheduler(num_train_timesteps=1000, schedule="linear_beta", clip_sample=False)
     x = torch.rand(batch, 1, size, size, generator=torch.Generator().manual_seed(0), device=device) * 2 - 1
+    cg_steps = cdm_steps if cg_cdm_steps is None else cg_cdm_steps
     methods = {
         "cdm": ConditionDifferenceInferer(sched, noise_level=cdm_noise_level, num_steps=cdm_steps),
         "cg_cdm": ConditionDifferenceInferer(
-            sched, noise_level=cdm_noise_level, num_steps=cdm_steps, guidance_scale=cdm_guidance, classifier=clf
+            sched, noise_level=cdm_noise_level, num_steps=cg_steps, guidance_scale=cdm_guidance, classifier=clf
         ),
         "cg_diff": GuidedDiffusionAnomalyInferer(
             sched, noise_level=cgdiff_level, guidance_scale=cgdiff_guidance, classifier=clf
@@ -100,7 +123,7 @@ def run_speed_benchmark(
         "size": size,
         "settings": {
             "cdm": {"noise_level": cdm_noise_level, "num_steps": cdm_steps},
-            "cg_cdm": {"noise_level": cdm_noise_level, "num_steps": cdm_steps, "guidance_scale": cdm_guidance},
+            "cg_cdm": {"noise_level": cdm_noise_level, "num_steps": cg_steps, "guidance_scale": cdm_guidance},
             "cg_diff": {"noise_level": cgdiff_level, "guidance_scale": cgdiff_guidance},
         },
         "seconds_per_slice": {},
@@ -158,33 +181,46 @@ def to_markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def resolve_speed_settings(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the method options left unset (None) from ``args.bundle_root``'s inference defaults, else the fallbacks."""
+    bundle = bundle_method_settings(args.bundle_root) if args.bundle_root else {}
+    for option, (key, fallback) in SPEED_SETTINGS.items():
+        if getattr(args, option) is None:
+            setattr(args, option, bundle.get(key, fallback))
+    return args
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m monai_wsss.benchmark speed", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out_dir", default="outputs/speed")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--cdm_noise_level", type=int, default=200)
-    parser.add_argument("--cdm_steps", type=int, default=10)
-    parser.add_argument("--cdm_guidance", type=float, default=10.0)
-    parser.add_argument("--cgdiff_level", type=int, default=400)
-    parser.add_argument("--cgdiff_guidance", type=float, default=100.0)
+    parser.add_argument("--bundle_root", default=None, help="networks and method defaults of this bundle")
+    parser.add_argument("--cdm_noise_level", type=int, default=None, help="CDM / CG-CDM Q (default: bundle's or 200)")
+    parser.add_argument("--cdm_steps", type=int, default=None, help="CDM R (default: bundle's or 10)")
+    parser.add_argument("--cdm_guidance", type=float, default=None, help="CG-CDM s (default: bundle's or 10)")
+    parser.add_argument("--cg_cdm_steps", type=int, default=None, help="CG-CDM R (default: bundle's or --cdm_steps)")
+    parser.add_argument("--cgdiff_level", type=int, default=None, help="CG-Diff L (default: bundle's or 400)")
+    parser.add_argument("--cgdiff_guidance", type=float, default=None, help="CG-Diff s (default: bundle's or 100)")
     parser.add_argument("--volume_batch", type=int, default=32)
     parser.add_argument("--weights", default=None)
     parser.add_argument("--classifier_weights", default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args(argv)
+    args = resolve_speed_settings(parser.parse_args(argv))
     result = run_speed_benchmark(
         batch=args.batch,
         size=args.size,
         cdm_noise_level=args.cdm_noise_level,
         cdm_steps=args.cdm_steps,
         cdm_guidance=args.cdm_guidance,
+        cg_cdm_steps=args.cg_cdm_steps,
         cgdiff_level=args.cgdiff_level,
         cgdiff_guidance=args.cgdiff_guidance,
         volume_batch=args.volume_batch,
         weights=args.weights,
         classifier_weights=args.classifier_weights,
         device=args.device,
+        bundle_root=args.bundle_root,
     )
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)

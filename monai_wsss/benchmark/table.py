@@ -32,15 +32,10 @@ import numpy as np
 import torch
 from monai.bundle import ConfigParser
 
-from monai_wsss.apps.methods import default_map_mode
+from monai_wsss.apps.methods import build_method_inferer, default_map_mode
 from monai_wsss.bundle import prepare_splits
 from monai_wsss.data import TASKS, build_slice_dataset
-from monai_wsss.inferers import (
-    ClassActivationMapInferer,
-    ConditionDifferenceInferer,
-    GuidedDiffusionAnomalyInferer,
-    IntensityThresholdInferer,
-)
+from monai_wsss.inferers import ClassActivationMapInferer, IntensityThresholdInferer
 from monai_wsss.metrics import PixelAUCMetric, SegmentationScores
 from monai_wsss.transforms import NormalizeMap, OtsuThreshold, oriented_map
 
@@ -56,7 +51,7 @@ __all__ = [
     "main",
 ]
 
-METHOD_SETTINGS = ("noise_level", "num_steps", "tau", "guidance_scale", "cgdiff_level", "cgdiff_guidance", "cfg_scale")
+METHOD_SETTINGS = ("noise_level", "num_steps", "tau", "guidance_scale", "guided_num_steps", "cgdiff_level", "cgdiff_guidance", "cfg_scale")
 ALL_METHODS = (
     "threshold",
     "threshold_fixed",
@@ -169,6 +164,7 @@ def build_methods(
     num_steps: int = 10,
     tau: float = 0.95,
     guidance_scale: float = 10.0,
+    guided_num_steps: int | None = None,
     cgdiff_level: int = 400,
     cgdiff_guidance: float = 100.0,
     cfg_scale: float = 3.0,
@@ -201,24 +197,20 @@ def build_methods(
             )
         elif name in ("gradcam", "gradcam++", "scorecam", "layercam"):
             specs.append(MethodSpec(name, ClassActivationMapInferer(method=name, target_class=1, timestep=0), setting="classifier at t=0"))
-        elif name == "cdm":
-            inf = ConditionDifferenceInferer(scheduler, noise_level=noise_level, num_steps=num_steps, tau=tau)
-            specs.append(MethodSpec(name, inf, default_map_mode(name, task), True, setting=f"Q={noise_level}, R={num_steps}, tau={tau}"))
-        elif name == "cg_cdm":
-            inf = ConditionDifferenceInferer(
-                scheduler, noise_level=noise_level, num_steps=num_steps, tau=tau, guidance_scale=guidance_scale, classifier=classifier
+        else:  # the diffusion methods exactly as a bundle's inference.json builds them
+            inf = build_method_inferer(
+                name, scheduler, net, classifier, noise_level=noise_level, num_steps=num_steps, tau=tau,
+                guidance_scale=guidance_scale, guided_num_steps=guided_num_steps, cgdiff_level=cgdiff_level,
+                cgdiff_guidance=cgdiff_guidance, cfg_scale=cfg_scale,
             )
-            specs.append(
-                MethodSpec(name, inf, default_map_mode(name, task), True, setting=f"Q={noise_level}, R={num_steps}, tau={tau}, s={guidance_scale}")
-            )
-        elif name == "cg_diff":
-            inf = GuidedDiffusionAnomalyInferer(scheduler, noise_level=cgdiff_level, guidance_scale=cgdiff_guidance, classifier=classifier)
-            specs.append(MethodSpec(name, inf, setting=f"L={cgdiff_level}, s={cgdiff_guidance}"))
-        elif name == "cfg":
-            if getattr(net, "null_class", None) is None:
-                raise ValueError("method 'cfg' needs a diffusion network trained with a null class (null_class=true).")
-            inf = GuidedDiffusionAnomalyInferer(scheduler, noise_level=cgdiff_level, mode="cfg", cfg_scale=cfg_scale)
-            specs.append(MethodSpec(name, inf, setting=f"L={cgdiff_level}, w={cfg_scale}"))
+            steps = guided_num_steps if name == "cg_cdm" and guided_num_steps is not None else num_steps
+            setting = {
+                "cdm": f"Q={noise_level}, R={steps}, tau={tau}",
+                "cg_cdm": f"Q={noise_level}, R={steps}, tau={tau}, s={guidance_scale}",
+                "cg_diff": f"L={cgdiff_level}, s={cgdiff_guidance}",
+                "cfg": f"L={cgdiff_level}, w={cfg_scale}",
+            }[name]
+            specs.append(MethodSpec(name, inf, default_map_mode(name, task), name in ("cdm", "cg_cdm"), setting=setting))
     return specs
 
 
@@ -365,6 +357,7 @@ def run_table(args: argparse.Namespace) -> tuple[list[dict], str]:
         num_steps=args.num_steps,
         tau=args.tau,
         guidance_scale=args.guidance_scale,
+        guided_num_steps=args.guided_num_steps,
         cgdiff_level=args.cgdiff_level,
         cgdiff_guidance=args.cgdiff_guidance,
         cfg_scale=args.cfg_scale,
@@ -401,7 +394,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--num_train_timesteps", type=int, default=1000)
     # method settings: default to the bundle's own inference defaults (configs/inference.json)
     p.add_argument("--noise_level", type=int, default=None, help="CDM / CG-CDM Q (default: the bundle's)")
-    p.add_argument("--num_steps", type=int, default=None, help="CDM / CG-CDM R (default: the bundle's)")
+    p.add_argument("--num_steps", type=int, default=None, help="CDM R (default: the bundle's)")
+    p.add_argument("--guided_num_steps", type=int, default=None, help="CG-CDM R (default: the bundle's)")
     p.add_argument("--tau", type=float, default=None, help="CDM / CG-CDM tau (default: the bundle's)")
     p.add_argument("--guidance_scale", type=float, default=None, help="CG-CDM s (default: the bundle's)")
     p.add_argument("--cgdiff_level", type=int, default=None, help="CG-Diff / cfg L (default: the bundle's)")
