@@ -108,7 +108,8 @@ def write_ablation(rows: list[dict], out_dir: str | Path, info: dict) -> None:
         writer.writerows(rows)
     params = list(dict.fromkeys(r["parameter"] for r in rows))
     lines = [
-        f"{info['slices_used']} positive {info['split']} slices of {info['cases_used']} cases; map mode "
+        f"{info['slices_used']} positive {info['split']} slices of {info['cases_used']} cases "
+        f"({info.get('slice_rule', 'every slice with target')}); map mode "
         f"{info.get('map_mode', 'signed')!r}; mean ± std over noise seeds when repeated.",
         "",
     ]

@@ -135,7 +135,8 @@ def load_eval_slices(
     splits = prepare_splits(dataset_dir, task, val_fraction, test_fraction, split_seed)
     if split not in splits or not splits[split]:
         raise ValueError(f"split {split!r} of {dataset_dir} is empty (splits: { {k: len(v) for k, v in splits.items()} }).")
-    preset = TASKS[task].replace(eval_min_fraction=None) if keep_small_targets else task
+    preset = TASKS[task].replace(eval_min_fraction=None) if keep_small_targets else TASKS[task]
+    rule = preset.eval_min_fraction
     ds = build_slice_dataset(splits[split], preset, spatial_size=spatial_size, cache_dir=cache_dir, split="eval")
     positives = [i for i in range(len(ds)) if float(ds[i]["seg"].sum()) > 0]
     if not positives:
@@ -146,7 +147,8 @@ def load_eval_slices(
     segs = torch.stack([torch.as_tensor(ds[i]["seg"]) for i in chosen]).float()
     info = {
         "split": split,
-        "eval_min_fraction": None if keep_small_targets else TASKS[task].eval_min_fraction,
+        "eval_min_fraction": rule,
+        "slice_rule": f"slices whose target covers under {rule:.0%} of the slice dropped" if rule else "every slice with target",
         "cases": len(splits[split]),
         "positive_slices": len(positives),
         "slices_used": len(chosen),
@@ -292,7 +294,7 @@ def write_table(rows: list[dict], out_dir: str | Path, title: str, info: dict) -
         f"### {title}",
         "",
         f"{info['slices_used']} positive slices of {info['cases_used']} {info['split']} cases "
-        f"({info['positive_slices']} positive slices in the split); per-slice Otsu after normalisation inside the body "
+        f"({info['positive_slices']} positive slices in the split; {info.get('slice_rule', 'every slice with target')}); per-slice Otsu after normalisation inside the body "
         "unless a fixed threshold is given; mean ± std over noise seeds for stochastic methods.",
         "",
         "| method | setting | Dice | mIoU | HD95 (px) | HD95 missing | pixel AUROC | pixel AUPRC | s / slice |",
