@@ -188,3 +188,17 @@ def test_speed_benchmark_takes_the_bundles_settings_unless_overridden():
     assert args.cgdiff_guidance == 7.0  # the command line wins
     plain = resolve_speed_settings(argparse.Namespace(bundle_root=None, **unset))
     assert (plain.cdm_steps, plain.cg_cdm_steps, plain.cgdiff_level) == (10, None, 400)
+
+
+def test_table_rows_name_each_cdm_variants_own_steps(scheduler):
+    specs = build_methods(["cdm", "cg_cdm"], scheduler, tiny_classifier(input_shape=(32, 32)), tiny_unet(),
+                          noise_level=30, num_steps=3, guidance_scale=5.0, guided_num_steps=6)
+    assert [s.setting for s in specs] == ["Q=30, R=3, tau=0.95", "Q=30, R=6, tau=0.95, s=5.0"]
+    assert [s.inferer.num_steps for s in specs] == [3, 6]
+
+
+def test_speed_benchmark_takes_one_source_of_networks(tmp_path):
+    from monai_wsss.benchmark.speed import run_speed_benchmark
+
+    with pytest.raises(ValueError, match="either bundle_root"):
+        run_speed_benchmark(bundle_root=str(tmp_path), weights=str(tmp_path / "model.pt"))

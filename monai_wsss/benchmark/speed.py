@@ -93,11 +93,17 @@ def run_speed_benchmark(
     Time every method on one batch of ``batch`` slices and CDM on a whole volume.
 
     CDM runs ``cdm_steps`` steps, CG-CDM ``cg_cdm_steps`` (``None``: ``cdm_steps``), as the bundles' ``num_steps``
-    and ``guided_num_steps``. With ``bundle_root`` the networks are the bundle's (``weights`` are then ignored).
+    and ``guided_num_steps``. With ``bundle_root`` the networks are the bundle's.
 
     Returns:
         a dict with seconds per slice of each method, ratios to CDM and the volume time.
+
+    Raises:
+        ValueError: ``bundle_root`` together with ``weights`` or ``classifier_weights`` (one source of networks).
+        FileNotFoundError: the bundle has no classifier weights.
     """
+    if bundle_root is not None and (weights or classifier_weights):
+        raise ValueError("give either bundle_root (--bundle_root) or weights / classifier_weights, not both.")
     if bundle_root is not None:
         net, clf = load_bundle_networks(bundle_root, torch.device(device))
         if clf is None:

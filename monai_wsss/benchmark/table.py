@@ -205,13 +205,10 @@ def build_methods(
                 guidance_scale=guidance_scale, guided_num_steps=guided_num_steps, cgdiff_level=cgdiff_level,
                 cgdiff_guidance=cgdiff_guidance, cfg_scale=cfg_scale,
             )
-            steps = guided_num_steps if name == "cg_cdm" and guided_num_steps is not None else num_steps
-            setting = {
-                "cdm": f"Q={noise_level}, R={steps}, tau={tau}",
-                "cg_cdm": f"Q={noise_level}, R={steps}, tau={tau}, s={guidance_scale}",
-                "cg_diff": f"L={cgdiff_level}, s={cgdiff_guidance}",
-                "cfg": f"L={cgdiff_level}, w={cfg_scale}",
-            }[name]
+            if name in ("cdm", "cg_cdm"):  # R as the inferer got it (CG-CDM may have its own)
+                setting = f"Q={noise_level}, R={inf.num_steps}, tau={tau}" + (f", s={guidance_scale}" if name == "cg_cdm" else "")
+            else:
+                setting = f"L={cgdiff_level}, " + (f"s={cgdiff_guidance}" if name == "cg_diff" else f"w={cfg_scale}")
             specs.append(MethodSpec(name, inf, default_map_mode(name, task), name in ("cdm", "cg_cdm"), setting=setting))
     return specs
 
