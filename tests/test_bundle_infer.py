@@ -140,8 +140,11 @@ def test_evaluate_differs_from_inference_only_where_documented():
         differ = {k for k in set(infer) | set(evaluate) if infer.get(k) != evaluate.get(k)}
         assert differ == {"output_dir", "num_overlays", "evaluate"}
     brats, chaos = _raw("brats", "evaluate.json"), _raw("chaos", "evaluate.json")
-    # the CHAOS weights were trained with a null class (classifier-free guidance, method cfg); the BraTS ones not
-    assert {k for k in brats if brats[k] != chaos.get(k)} == {"bundle_root", "task", "modality", "null_class"}
+    # the CHAOS weights were trained with a null class (classifier-free guidance, method cfg); the BraTS ones not;
+    # BraTS thresholds maps normalised per volume with one average Otsu (chosen on its validation cases), CHAOS per slice
+    assert {k for k in brats if brats[k] != chaos.get(k)} == {
+        "bundle_root", "task", "modality", "null_class", "normalize_per", "threshold"
+    }
     assert chaos["null_class"] is True and brats["null_class"] is False
 
 
