@@ -22,7 +22,8 @@ import torch
 from monai.networks.schedulers import DDIMScheduler
 
 from monai_wsss.benchmark.table import bundle_method_settings, load_bundle_networks
-from monai_wsss.inferers import ConditionDifferenceInferer, GuidedDiffusionAnomalyInferer, VolumeInferer
+from monai_wsss.apps.methods import build_method_inferer
+from monai_wsss.inferers import VolumeInferer
 from monai_wsss.networks.nets import ConditionalDiffusionUNet, NoisyClassifier
 
 __all__ = ["default_networks", "time_call", "run_speed_benchmark", "resolve_speed_settings", "main"]
@@ -112,15 +113,13 @@ def run_speed_benchmark(
         net, clf = default_networks(size, weights, classifier_weights, device)
     sched = DDIMScheduler(num_train_timesteps=1000, schedule="linear_beta", clip_sample=False)
     x = torch.rand(batch, 1, size, size, generator=torch.Generator().manual_seed(0), device=device) * 2 - 1
-    cg_steps = cdm_steps if cg_cdm_steps is None else cg_cdm_steps
+    # built as the bundles build them, so CG-CDM's own R follows the same rule
     methods = {
-        "cdm": ConditionDifferenceInferer(sched, noise_level=cdm_noise_level, num_steps=cdm_steps),
-        "cg_cdm": ConditionDifferenceInferer(
-            sched, noise_level=cdm_noise_level, num_steps=cg_steps, guidance_scale=cdm_guidance, classifier=clf
-        ),
-        "cg_diff": GuidedDiffusionAnomalyInferer(
-            sched, noise_level=cgdiff_level, guidance_scale=cgdiff_guidance, classifier=clf
-        ),
+        name: build_method_inferer(
+            name, sched, net, clf, noise_level=cdm_noise_level, num_steps=cdm_steps, guidance_scale=cdm_guidance,
+            guided_num_steps=cg_cdm_steps, cgdiff_level=cgdiff_level, cgdiff_guidance=cgdiff_guidance,
+        )
+        for name in ("cdm", "cg_cdm", "cg_diff")
     }
     result: dict = {
         "device": device,
@@ -129,7 +128,7 @@ def run_speed_benchmark(
         "size": size,
         "settings": {
             "cdm": {"noise_level": cdm_noise_level, "num_steps": cdm_steps},
-            "cg_cdm": {"noise_level": cdm_noise_level, "num_steps": cg_steps, "guidance_scale": cdm_guidance},
+            "cg_cdm": {"noise_level": cdm_noise_level, "num_steps": methods["cg_cdm"].num_steps, "guidance_scale": cdm_guidance},
             "cg_diff": {"noise_level": cgdiff_level, "guidance_scale": cgdiff_guidance},
         },
         "seconds_per_slice": {},
