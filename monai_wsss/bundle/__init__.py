@@ -2,6 +2,7 @@
 """Helpers the MONAI bundles (``bundles/*/configs``) call by name; usable from Python as well."""
 
 from monai_wsss.bundle.handlers import ExponentialMovingAverage, SeededEvaluation, ema_copy
+from monai_wsss.bundle.options import OPTION_KINDS, RUN_ARGUMENTS, check_command_line, parse_option
 from monai_wsss.bundle.utils import (
     BUNDLE_TASKS,
     distributed_rank,
@@ -14,6 +15,10 @@ from monai_wsss.bundle.utils import (
 )
 
 __all__ = [
+    "OPTION_KINDS",
+    "RUN_ARGUMENTS",
+    "check_command_line",
+    "parse_option",
     "BUNDLE_TASKS",
     "ExponentialMovingAverage",
     "SeededEvaluation",
