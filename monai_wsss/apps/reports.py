@@ -1,5 +1,6 @@
 # Copyright (c) monai_wsss contributors. Licensed under the Apache License, Version 2.0.
-"""Scores of segmented volumes (per case and pooled), CSV / markdown reports and overlay pictures."""
+"""Scores of segmented volumes (per case and pooled), CSV / markdown reports and overlay pictures (every file written
+under a temporary name and renamed into place, so a crash never leaves a half-written report)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 from monai.utils import convert_to_tensor, optional_import
 
 from monai_wsss.metrics import SegmentationScores, SliceAUCMetric, compute_auroc_auprc
+from monai_wsss.transforms.io import atomic_write, write_text_atomic
 
 plt, has_matplotlib = optional_import("matplotlib.pyplot")
 
@@ -232,8 +234,7 @@ def write_csv(path: str | os.PathLike, rows: Sequence[Mapping]) -> Path:
     for row in rows:
         columns.extend(k for k in row if k not in columns)
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target, "w", newline="") as f:
+    with atomic_write(target) as tmp, open(tmp, "w", newline="") as f:  # never a half-written table under its name
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         for row in rows:
@@ -319,10 +320,7 @@ def write_summary_markdown(
                 f"| {_fmt(r, 'slice_hd95', std=False, digits=1)} | {_fmt(r, 'volume_dice', std=False)} "
                 f"| {_fmt(r, 'pixel_auroc', std=False)} |"
             )
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text("\n".join(parts) + "\n")
-    return target
+    return write_text_atomic(path, "\n".join(parts) + "\n")
 
 
 def select_overlay_slices(
@@ -440,7 +438,9 @@ def save_overlay(
             fig.suptitle(title, fontsize=10)
         fig.tight_layout()
         target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(target, dpi=80)
-        plt.close(fig)
+        try:
+            with atomic_write(target) as tmp:
+                fig.savefig(tmp, dpi=80, format=target.suffix.lstrip(".") or "png")
+        finally:
+            plt.close(fig)
     return target

@@ -1,18 +1,30 @@
 # Copyright (c) monai_wsss contributors
 # Licensed under the Apache License, Version 2.0
-"""Loading of volumes (NIfTI files or DICOM series folders) with errors that name the file."""
+"""Loading of volumes (NIfTI files or DICOM series folders) with errors that name the file; writing of files that a
+crash never leaves half-written under their final name."""
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Hashable, Mapping, Sequence
+import uuid
+from collections.abc import Hashable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 from monai.config import DtypeLike, KeysCollection
-from monai.data import ImageReader
-from monai.transforms import LoadImage, MapTransform
+from monai.data import ImageReader, NibabelWriter
+from monai.transforms import LoadImage, MapTransform, SaveImage
 
-__all__ = ["LoadVolumed"]
+__all__ = [
+    "LoadVolumed",
+    "SaveVolumed",
+    "TEMP_PREFIX",
+    "atomic_write",
+    "remove_stale_temporaries",
+    "write_text_atomic",
+]
 
 
 class LoadVolumed(MapTransform):
@@ -85,4 +97,170 @@ class LoadVolumed(MapTransform):
                     )
                 img = img[channel : channel + 1]
             d[key] = img
+        return d
+
+
+# ---- writing ----------------------------------------------------------------------------------------------------
+#: prefix of the temporary files :py:func:`atomic_write` creates next to their final name
+TEMP_PREFIX = ".tmp-"
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
+    """
+    Write a file under a temporary name in its own folder and rename it into place only once it is complete, so
+    that a crash (even SIGKILL) never leaves a truncated file under the final name: the final name holds either
+    the previous complete file or the new one (``os.replace`` is atomic within one file system).
+
+    The temporary name is ``.tmp-<random>-<final name>``: hidden, and ending like the final name so writers that
+    pick the format from the extension (``.nii.gz``, ``.png``) still do. It is removed when the block raises.
+
+    Args:
+        path: the final file path (its folder is created).
+
+    Returns:
+        a context manager giving the temporary path to write to.
+
+    Example::
+
+        with atomic_write("out/predictions.csv") as tmp:
+            tmp.write_text("case,map\\n")
+    """
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    temp = final.parent / f"{TEMP_PREFIX}{uuid.uuid4().hex[:8]}-{final.name}"
+    try:
+        yield temp
+        if not temp.is_file():
+            raise FileNotFoundError(f"nothing was written to the temporary file {temp} of {final}.")
+        # flush to disk before the rename, so that after a power cut the new name never points to a hole
+        with open(temp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(temp, final)
+    finally:
+        if temp.exists():
+            temp.unlink()
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` through :py:func:`atomic_write`; returns the path."""
+    with atomic_write(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, recursive: bool = True) -> list[Path]:
+    """
+    Delete the temporary files a killed writer left in ``folder`` (names starting with :py:data:`TEMP_PREFIX`).
+
+    Returns:
+        the removed paths.
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        return []
+    pattern = f"**/{TEMP_PREFIX}*" if recursive else f"{TEMP_PREFIX}*"
+    removed = [p for p in root.glob(pattern) if p.is_file()]
+    for p in removed:
+        p.unlink()
+    return removed
+
+
+class SaveVolumed(MapTransform):
+    """
+    Write arrays as image files in their source's space (MONAI's :py:class:`monai.transforms.SaveImage`, so
+    the affine of the MetaTensor is kept), each through :py:func:`atomic_write`: a killed run never leaves a
+    truncated file under a final name. Trailing singleton dimensions are kept (``SaveImage`` drops them by
+    default, which writes a one-slice volume ``(H, W, 1)`` as a 2D image ``(H, W)``).
+
+    The file is ``<stem>_<postfix><output_ext>`` in ``output_dir``, where ``<stem>`` is the data's ``name_key``
+    entry when present (a name unique within a run, see :py:func:`~monai_wsss.apps.run_folder.unique_output_stems`),
+    else the source file's name without extension. The written path is stored in ``<key>_path``.
+
+    Args:
+        keys: keys of the arrays (channel-first MetaTensors) to write.
+        output_dir: folder (created).
+        output_postfix: postfix of the file name (default: the key).
+        output_ext: extension (``".nii.gz"``, ``".nii"``, ...).
+        output_dtype: data type written.
+        resample: resample to the source's original affine / shape before writing (``SaveImage`` option).
+        mode: interpolation when resampling (``"nearest"`` for masks).
+        name_key: data key holding the output stem.
+        separate_folder: write into ``output_dir/<stem>/`` (``SaveImage``'s layout).
+        allow_missing_keys: skip missing keys.
+
+    Raises:
+        ValueError: an array without a source name and no ``name_key`` entry.
+
+    Example::
+
+        SaveVolumed("mask", "out/", output_dtype=np.uint8, mode="nearest", name_key="output_name")(
+            {"mask": mask, "output_name": "case_1"})   # out/case_1_mask.nii.gz
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        output_dir: str | os.PathLike,
+        output_postfix: str | None = None,
+        output_ext: str = ".nii.gz",
+        output_dtype: DtypeLike = np.float32,
+        resample: bool = False,
+        mode: str = "nearest",
+        name_key: str | None = "output_name",
+        separate_folder: bool = False,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.output_dir = Path(output_dir)
+        self.output_postfix = output_postfix
+        self.output_ext = output_ext
+        self.name_key = name_key
+        self.separate_folder = separate_folder
+        options = dict(
+            output_dir=str(output_dir), output_ext=output_ext, output_dtype=output_dtype, resample=resample,
+            mode=mode, squeeze_end_dims=False, separate_folder=False, print_log=False,
+        )
+        self.saver = SaveImage(channel_dim=0, **options)
+        self.output_dtype = output_dtype
+        self.resample = resample
+        self.mode = mode
+
+    def output_path(self, data: Mapping[Hashable, Any], key: Hashable) -> Path:
+        """The final path of ``data[key]``."""
+        stem = data.get(self.name_key) if self.name_key is not None else None
+        if not stem:
+            source = str(getattr(data[key], "meta", {}).get("filename_or_obj", "") or "")
+            if not source:
+                raise ValueError(f"key '{key}': no source file name to name the output after; pass '{self.name_key}'.")
+            stem = os.path.basename(source.rstrip(os.sep))
+            for ext in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".gz"):
+                if stem.endswith(ext):
+                    stem = stem[: -len(ext)]
+                    break
+        postfix = str(key) if self.output_postfix is None else self.output_postfix
+        folder = self.output_dir / str(stem) if self.separate_folder else self.output_dir
+        return folder / f"{stem}{'_' + postfix if postfix else ''}{self.output_ext}"
+
+    def _write_one_channel_nifti(self, img: Any, path: Path) -> None:
+        # SaveImage either keeps the channel as a 4th axis (squeeze_end_dims=False) or squeezes every trailing
+        # singleton axis (True), which turns a one-slice volume (1, H, W, 1) into a 2D image (H, W): drop the
+        # channel alone, with MONAI's own NIfTI writer
+        writer = NibabelWriter(output_dtype=self.output_dtype)
+        writer.set_data_array(img, channel_dim=0, squeeze_end_dims=False)
+        writer.data_obj = writer.data_obj[..., 0]
+        writer.set_metadata(getattr(img, "meta", None), resample=False, mode=self.mode)
+        writer.write(str(path))
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            final = self.output_path(d, key)
+            img = d[key]
+            with atomic_write(final) as tmp:
+                if img.shape[0] == 1 and not self.resample and self.output_ext in (".nii", ".nii.gz"):
+                    self._write_one_channel_nifti(img, tmp)
+                else:
+                    self.saver(img, filename=str(tmp)[: -len(self.output_ext)])
+            d[f"{key}_path"] = str(final)
         return d

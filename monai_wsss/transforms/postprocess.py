@@ -37,9 +37,11 @@ from skimage.filters import threshold_otsu
 from monai.config import KeysCollection
 from monai.config.type_definitions import NdarrayOrTensor
 from monai.data import MetaTensor
-from monai.transforms import Compose, KeepLargestConnectedComponent, SaveImaged
+from monai.transforms import Compose, KeepLargestConnectedComponent
 from monai.transforms.transform import MapTransform, Transform
 from monai.utils import TransformBackends, convert_to_dst_type, convert_to_tensor
+
+from monai_wsss.transforms.io import SaveVolumed
 
 __all__ = [
     "oriented_map",
@@ -564,13 +566,17 @@ def map_writer(
     separate_folder: bool = False,
     print_log: bool = False,
     allow_missing_keys: bool = False,
+    name_key: str | None = "output_name",
 ) -> Compose:
     """
     Transform chain writing a continuous map and its binary mask as images in the source image's space.
 
-    ``CopyMetaFromd`` gives both the source's metadata, then one MONAI ``SaveImaged`` per key writes
-    ``<source name>_<key><output_ext>`` into ``output_dir`` (float32 map, uint8 mask) with the source's
-    affine. With ``resample=False`` (default) the arrays are written as they are, which is the input's
+    ``CopyMetaFromd`` gives both the source's metadata, then one :py:class:`~monai_wsss.transforms.io.SaveVolumed`
+    per key (MONAI's ``SaveImage``, through a temporary file renamed into place, so a killed run never leaves a
+    truncated file under the final name) writes ``<name>_<key><output_ext>`` into ``output_dir`` (float32 map,
+    uint8 mask) with the source's affine; ``<name>`` is the data's ``name_key`` entry when present (a name unique
+    per case), else the source file's name. Trailing singleton dimensions are kept: a one-slice volume is written
+    ``(H, W, 1)``, as read. With ``resample=False`` (default) the arrays are written as they are, which is the input's
     space when no spatial transform was applied after loading (``volume_preprocess`` applies none); with
     ``resample=True`` ``SaveImaged`` resamples to the source file's original affine and shape (e.g. after
     an ``Orientationd``; nearest neighbour for the mask).
@@ -583,7 +589,8 @@ def map_writer(
         output_ext: file extension (``".nii.gz"``, ``".nii"``, ...).
         resample: resample to the original affine / shape before writing.
         separate_folder: write each case into its own sub-folder (``SaveImaged`` option).
-        print_log: let ``SaveImaged`` print the written paths.
+        print_log: unused (kept for compatibility; the pipeline logs what it wrote).
+        name_key: data key holding the output name of the case (see above).
         allow_missing_keys: don't raise an exception if ``map_key`` or ``mask_key`` is missing.
 
     Returns:
@@ -600,17 +607,17 @@ def map_writer(
     keys = [k for k in (map_key, mask_key) if k is not None]
     if not keys:
         raise ValueError("`map_key` and `mask_key` are both None: nothing to write.")
-    common = dict(
-        output_dir=str(output_dir),
+    common: dict = dict(
+        output_dir=output_dir,
         output_ext=output_ext,
         resample=resample,
         separate_folder=separate_folder,
-        print_log=print_log,
+        name_key=name_key,
         allow_missing_keys=allow_missing_keys,
     )
     steps: list[Callable] = [CopyMetaFromd(keys, source_key=source_key, allow_missing_keys=allow_missing_keys)]
     if map_key is not None:
-        steps.append(SaveImaged(map_key, output_postfix=map_key, mode="bilinear", output_dtype=np.float32, **common))
+        steps.append(SaveVolumed(map_key, output_postfix=map_key, mode="bilinear", output_dtype=np.float32, **common))
     if mask_key is not None:
-        steps.append(SaveImaged(mask_key, output_postfix=mask_key, mode="nearest", output_dtype=np.uint8, **common))
+        steps.append(SaveVolumed(mask_key, output_postfix=mask_key, mode="nearest", output_dtype=np.uint8, **common))
     return Compose(steps)
