@@ -229,7 +229,7 @@ def load_weights(
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: the file is not a checkpoint of a network of this architecture.
+        ValueError: the file is not a checkpoint of a network of this architecture, or holds NaN / infinite weights.
 
     Example::
 
@@ -247,6 +247,13 @@ def load_weights(
     except Exception as err:  # a corrupt or foreign file: one line naming it
         raise ValueError(f"cannot read {name} checkpoint {file}: {type(err).__name__}: {err}") from None
     state = _state_dict_of(obj, file)
+    # NaN / inf weights (a diverged training) would run the whole diffusion and fail only at thresholding
+    bad = [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(
+            f"{name} checkpoint {file} has NaN or infinite weights in {len(bad)} tensor(s) ({', '.join(bad[:3])}"
+            f"{' ...' if len(bad) > 3 else ''}): the training diverged or the file is damaged; use another checkpoint."
+        )
     own = network.state_dict()
     key = "class_embedding.weight"
     if key in own and key in state and own[key].shape[0] != state[key].shape[0]:

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Callable
 
 import torch
@@ -84,8 +86,8 @@ class ConditionDifferenceInferer(DiffusionMapInferer):
             raise ValueError(f"num_steps must be an integer in [1, noise_level={self.noise_level}], got {num_steps}.")
         if not 0.0 < tau < 1.0:
             raise ValueError(f"tau must be in the open interval (0, 1), got {tau}.")
-        if guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}.")
+        if not math.isfinite(float(guidance_scale)) or guidance_scale < 0:  # NaN passes "< 0" and gives NaN maps
+            raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale}.")
         if target_class == reference_class:
             raise ValueError(f"target_class and reference_class must differ, both are {target_class}.")
         self.num_steps = int(num_steps)

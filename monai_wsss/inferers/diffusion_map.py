@@ -62,11 +62,14 @@ class DiffusionMapInferer(Inferer):
     @staticmethod
     def check_inputs(x0: torch.Tensor, network: torch.nn.Module) -> None:
         """
-        Raise a ``ValueError`` for a non-tensor, wrong rank or non-finite input.
+        Raise a ``ValueError`` for a non-tensor, wrong rank, empty batch, a dtype other than the network's, a
+        spatial size the U-Net cannot halve at every level, or a non-finite input (each would otherwise surface as a
+        raw torch error from deep inside the network).
 
         Args:
             x0: images (B, C, H, W) or (B, C, H, W, D).
-            network: the diffusion network (its ``spatial_dims`` is checked when it has one).
+            network: the diffusion network (its ``spatial_dims``, parameter dtype and number of levels are checked
+                when it has them).
         """
         if not isinstance(x0, torch.Tensor) or not x0.is_floating_point():
             raise ValueError(f"inputs must be a floating-point tensor, got {type(x0).__name__} {getattr(x0, 'dtype', '')}.")
@@ -77,6 +80,23 @@ class DiffusionMapInferer(Inferer):
                 f"inputs must have shape (B, C, *spatial) with rank {' or '.join(map(str, expected))}, "
                 f"got shape {tuple(x0.shape)}."
             )
+        if x0.shape[0] == 0:
+            raise ValueError(f"inputs are an empty batch (shape {tuple(x0.shape)}): nothing to infer.")
+        params = next(iter(network.parameters()), None) if isinstance(network, torch.nn.Module) else None
+        if params is not None and params.is_floating_point() and x0.dtype != params.dtype:
+            raise ValueError(
+                f"inputs are {x0.dtype} but the network's weights are {params.dtype}; convert with "
+                f"inputs.to({params.dtype}) (e.g. a float64 NumPy volume) or the network with network.to({x0.dtype})."
+            )
+        levels = getattr(network, "block_out_channels", None)
+        if levels is not None and len(levels) > 1:
+            factor = 2 ** (len(levels) - 1)
+            if any(int(s) % factor for s in x0.shape[2:]):
+                raise ValueError(
+                    f"inputs of spatial size {tuple(x0.shape[2:])} cannot pass the network's {len(levels)} levels: "
+                    f"every spatial size must be a multiple of {factor} (resize or pad the slices, e.g. with "
+                    "VolumeInferer's roi_size)."
+                )
         if not torch.isfinite(x0).all():
             raise ValueError("inputs contain NaN or infinite values.")
 

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Callable
 
 import torch
@@ -77,10 +79,11 @@ class GuidedDiffusionAnomalyInferer(DiffusionMapInferer):
         super().__init__(scheduler, noise_level, classifier=classifier, verbose=verbose)
         if mode not in GUIDANCE_MODES:
             raise ValueError(f"mode must be one of {GUIDANCE_MODES}, got {mode!r}.")
-        if guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}.")
-        if cfg_scale < 0:
-            raise ValueError(f"cfg_scale must be >= 0, got {cfg_scale}.")
+        # NaN passes "< 0" and gives NaN maps
+        if not math.isfinite(float(guidance_scale)) or guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale}.")
+        if not math.isfinite(float(cfg_scale)) or cfg_scale < 0:
+            raise ValueError(f"cfg_scale must be a finite number >= 0, got {cfg_scale}.")
         self.guidance_scale = float(guidance_scale)
         self.healthy_class = int(healthy_class)
         self.mode = mode

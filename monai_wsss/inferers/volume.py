@@ -137,6 +137,8 @@ class VolumeInferer(Inferer):
             shape = tuple(inputs.shape) if hasattr(inputs, "shape") else type(inputs)
             raise ValueError(f"`inputs` must be a batch of volumes (B, C, H, W, D) as a tensor, got {shape}.")
         x = convert_to_tensor(inputs, track_meta=False)
+        if x.shape[0] == 0 or x.numel() == 0:
+            raise ValueError(f"`inputs` hold no voxel (shape {tuple(x.shape)}): nothing to infer.")
         if not torch.is_floating_point(x):
             x = x.float()
         if torch.isnan(x).any():

@@ -6,6 +6,7 @@ crash never leaves half-written under their final name."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import uuid
 from collections.abc import Hashable, Iterator, Mapping, Sequence
@@ -95,12 +96,20 @@ class LoadVolumed(MapTransform):
                     raise ValueError(
                         f"key '{key}': channel {channel} out of range for {path} with {img.shape[0]} channels."
                     )
+                if self.channel_key is None or d.get(self.channel_key) is None:
+                    # not chosen by the datalist (the Decathlon layout names its channel): say which one is used
+                    logger.warning(
+                        f"key '{key}': {path} has {img.shape[0]} channels (a 4D image, shape {tuple(img.shape)}); "
+                        f"using channel {channel} only. Give the datalist item a '{self.channel_key}' entry to choose."
+                    )
                 img = img[channel : channel + 1]
             d[key] = img
         return d
 
 
 # ---- writing ----------------------------------------------------------------------------------------------------
+logger = logging.getLogger(__name__)
+
 #: prefix of the temporary files :py:func:`atomic_write` creates next to their final name
 TEMP_PREFIX = ".tmp-"
 
