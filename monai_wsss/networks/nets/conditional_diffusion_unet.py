@@ -137,6 +137,12 @@ class ConditionalDiffusionUNet(DiffusionModelUNet):
         norm_num_groups: int = 8,
         **kwargs,
     ) -> None:
+        # the bundle configs pass their top-level null_class as it was typed (--null_class true is the text 'true',
+        # which int() cannot read and bool() reads as True even for 'false'): read it with the package's parser
+        from monai_wsss.bundle.options import parse_option  # lazy: monai_wsss.bundle imports the networks' users
+
+        null_class = parse_option("null_class", null_class, "bool")
+        num_classes = parse_option("num_classes", num_classes, "int")
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}.")
         if conditioning not in CONDITIONING_MODES:
