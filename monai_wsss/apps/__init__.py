@@ -11,6 +11,7 @@ from monai_wsss.apps.methods import (
     default_map_mode,
 )
 from monai_wsss.apps.pipeline import THRESHOLD_MODES, VolumeSegmentationPipeline
+from monai_wsss.apps.run_folder import MANIFEST_NAME, RunFolder, RunFolderError, unique_output_stems
 from monai_wsss.apps.reports import (
     VolumeEvaluation,
     format_summary_table,
@@ -22,9 +23,12 @@ from monai_wsss.apps.reports import (
 
 __all__ = [
     "CLASSIFIER_METHODS",
+    "MANIFEST_NAME",
     "METHODS",
     "NETWORK_METHODS",
     "THRESHOLD_MODES",
+    "RunFolder",
+    "RunFolderError",
     "VOLUME_TASKS",
     "VolumeEvaluation",
     "VolumeSegmentationPipeline",
@@ -36,6 +40,7 @@ __all__ = [
     "locate_bundle_root",
     "save_overlay",
     "select_overlay_slices",
+    "unique_output_stems",
     "write_csv",
     "write_summary_markdown",
 ]

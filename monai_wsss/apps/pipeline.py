@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 import logging
@@ -15,14 +16,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.data.utils import create_file_basename
 from monai.transforms import LoadImage
 from monai.utils import convert_to_tensor
 
+import monai_wsss
 from monai_wsss.apps.reports import VolumeEvaluation, save_overlay, write_csv, write_summary_markdown
+from monai_wsss.apps.run_folder import RunFolder, state_dict_checksum, unique_output_stems
 from monai_wsss.data import TASKS, TaskPreset, volume_preprocess
 from monai_wsss.inferers import VolumeInferer
-from monai_wsss.transforms import NormalizeMap, OtsuThreshold, map_writer, otsu_thresholds
+from monai_wsss.transforms import NormalizeMap, OtsuThreshold, map_writer, otsu_thresholds, write_text_atomic
 
 __all__ = ["VolumeSegmentationPipeline", "THRESHOLD_MODES"]
 
@@ -216,6 +218,7 @@ class VolumeSegmentationPipeline:
             the loaded data with ``raw_map`` (the method's output), ``map`` (normalised, ``[0, 1]``) and ``mask``
             (0/1), all ``(1, H, W, D)`` in the input's space, and ``seconds`` (map computation time).
         """
+        self.check_threshold(threshold)
         data = self.load(item)
         start = time.perf_counter()
         data["raw_map"] = self.predict(data["image"])
@@ -243,10 +246,67 @@ class VolumeSegmentationPipeline:
             "volume; HD95 is missing (not 0) where the mask is empty; AUROC from the raw map",
         ]
 
-    @staticmethod
-    def _output_path(output_dir: Path, image: torch.Tensor, postfix: str) -> str:
-        source = str(getattr(image, "meta", {}).get("filename_or_obj", "volume"))
-        return create_file_basename(postfix, source, str(output_dir), separate_folder=False, makedirs=False) + ".nii.gz"
+    def check_threshold(self, threshold: str | float | None = None) -> None:
+        """
+        Refuse a fixed threshold that cannot separate anything, before any compute: a normalised map
+        (``map_mode`` set) lies in ``[0, 1]``, so a threshold outside ``(0, 1)`` gives a whole-body or an empty mask.
+
+        Raises:
+            ValueError: naming ``threshold`` and the valid range.
+        """
+        threshold = self.threshold if threshold is None else threshold
+        if isinstance(threshold, str):
+            if threshold not in THRESHOLD_MODES:
+                raise ValueError(f"`threshold` must be one of {THRESHOLD_MODES} or a number, got {threshold!r}.")
+            return
+        value = float(threshold)
+        if not math.isfinite(value):
+            raise ValueError(f"`threshold` must be a finite number, got {threshold!r}.")
+        if self.map_mode is not None and not 0.0 < value < 1.0:
+            raise ValueError(
+                f"`threshold` {threshold!r} is outside (0, 1): the maps are normalised to [0, 1] (map_mode="
+                f"{self.map_mode!r}), so it would give {'empty' if value >= 1 else 'whole-body'} masks; use a value "
+                f"in (0, 1), 'otsu' or 'average_otsu' (or map_mode=None to threshold the raw map)."
+            )
+
+    def run_settings(self, **extra: Any) -> dict:
+        """
+        Everything a run's results depend on, for its manifest (see :py:class:`~monai_wsss.apps.RunFolder`): the
+        pipeline's and the inferer's plain settings, the slice size, and a checksum of every network's weights.
+
+        Args:
+            extra: further settings of the run (``evaluate``, ``num_overlays`` ...).
+
+        Returns:
+            a JSON-able dict.
+        """
+        plain = (bool, int, float, str, type(None))
+
+        def settings_of(obj: Any) -> dict:
+            out: dict[str, Any] = {}
+            for key, value in sorted(vars(obj).items()):
+                if key.startswith("_"):
+                    continue
+                if isinstance(value, plain) or (
+                    isinstance(value, (tuple, list)) and all(isinstance(v, plain) for v in value)
+                ):
+                    out[key] = value
+                elif isinstance(value, torch.nn.Module):
+                    out[f"{key}_sha256"] = state_dict_checksum(value)
+                elif isinstance(value, torch.Tensor) and value.numel() <= 1 << 16:
+                    out[f"{key}_sha256"] = hashlib.sha256(value.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+            return out
+
+        return {
+            "package": f"monai_wsss {monai_wsss.__version__}",
+            "task": repr(self.preset),
+            "pipeline": settings_of(self),
+            "inferer": {"class": type(self.inferer).__name__, **settings_of(self.inferer)},
+            "roi_size": list(self.volume_inferer.roi_size),
+            "sw_batch_size": int(self.volume_inferer.sw_batch_size),
+            "device": self.device.type,
+            **extra,
+        }
 
     def run(
         self,
@@ -256,14 +316,23 @@ class VolumeSegmentationPipeline:
         num_overlays: int = 0,
         overlay_slices: int = 3,
         title: str | None = None,
+        overwrite: bool = False,
     ) -> dict:
         """
-        Segment every volume and write ``<image name>_map.nii.gz`` (normalised map, float32) and
-        ``<image name>_mask.nii.gz`` (uint8) into ``output_dir``, in each input's space, plus
-        ``predictions.csv`` (one row per volume). With ``evaluate``: ``metrics.csv`` (per case),
+        Segment every volume and write, into ``output_dir``, ``<name>_map.nii.gz`` (normalised map, float32) and
+        ``<name>_mask.nii.gz`` (uint8), in each input's space, then ``predictions.csv`` (one row per volume,
+        written last, from the files on disk). ``<name>`` is the image file's name, with the case id appended
+        where two images of the run share a file name. With ``evaluate``: ``metrics.csv`` (per case),
         ``summary.md`` and ``summary.json`` (pooled scores, see :py:class:`~monai_wsss.apps.VolumeEvaluation`).
         Overlays (image, ground truth, map, mask) of the first ``num_overlays`` volumes (with ``evaluate``: the first
         ones whose ground truth is not empty) go to ``output_dir/overlays/<case>.png``.
+
+        Every file is written under a temporary name and renamed into place, so a killed run never leaves a
+        truncated file under a final name. ``run_manifest.json`` records the inputs (with checksums), the settings
+        and each file written (:py:class:`~monai_wsss.apps.RunFolder`): a rerun with the same inputs and settings
+        resumes (maps already written are kept; masks and reports are written again); a folder of another run is
+        refused unless ``overwrite``, which deletes that run's files first. The folder is checked (writable, owned
+        by this run) and the settings are checked before any volume is computed.
 
         Args:
             items: datalist items (e.g. from :py:func:`~monai_wsss.apps.list_volumes`) or image paths.
@@ -272,37 +341,63 @@ class VolumeSegmentationPipeline:
             num_overlays: number of volumes to draw overlays of (volumes with an empty ground truth are skipped).
             overlay_slices: slices per overlay.
             title: heading of ``summary.md``.
+            overwrite: replace the results of another run in ``output_dir``.
 
         Returns:
             ``{"rows": per-volume rows, "summary": pooled scores or None, "threshold": the threshold used
-            (float or "otsu"), "files": {name: path}}``.
+            (float or "otsu"), "files": {name: path}, "resumed": bool}``.
 
         Raises:
-            ValueError: no items; with ``evaluate``, an item without ``seg``; and every bad-input error of the
-                steps (naming the file).
+            ValueError: no items; with ``evaluate``, an item without ``seg``; a threshold out of range; and every
+                bad-input error of the steps (naming the file).
+            RunFolderError: ``output_dir`` is not writable or holds another run's results (a ``ValueError``).
         """
         items = [{"image": str(it)} if isinstance(it, (str, os.PathLike)) else dict(it) for it in items]
         if not items:
             raise ValueError("no volume to segment (items is empty).")
+        for i, item in enumerate(items):
+            if "image" not in item:
+                raise ValueError(f"item {i} {item!r} has no 'image'.")
         if evaluate:
             missing = [str(it.get("case", it.get("image"))) for it in items if not it.get("seg")]
             if missing:
                 raise ValueError(f"evaluate=True needs a ground-truth 'seg' for every volume; missing for {missing[:5]}.")
+        self.check_threshold()
+        num_overlays, overlay_slices = int(num_overlays), int(overlay_slices)
+        if num_overlays < 0 or overlay_slices < 1:
+            raise ValueError(f"`num_overlays` must be >= 0 and `overlay_slices` >= 1, got {num_overlays}, {overlay_slices}.")
+        # output names and case ids unique within the run: two images with one file name must not share a file
+        stems = unique_output_stems(items)
+        for item, stem in zip(items, stems):
+            item.setdefault("case", stem)
+        cases = [str(it["case"]) for it in items]
+        if len(set(cases)) != len(cases):
+            cases = stems
+            for item, stem in zip(items, stems):
+                item["case"] = stem
         out = Path(output_dir)
-        out.mkdir(parents=True, exist_ok=True)
+        folder = RunFolder(
+            out, items, self.run_settings(evaluate=bool(evaluate), num_overlays=num_overlays,
+                                          overlay_slices=overlay_slices, title=title), overwrite=overwrite,
+        ).open()
         dataset_level = self.threshold == "average_otsu"
         evaluation = VolumeEvaluation(self.slice_axis, self.preset.eval_min_fraction) if evaluate else None
+        # with evaluation the raw map is scored (AUROC); it is on disk only when the map is not normalised
+        reuse_maps = evaluation is None or self.normalizer is None
         write_map = map_writer(out, map_key="map", mask_key=None)
         write_mask = map_writer(out, map_key=None, mask_key="mask")
+        load_map = LoadImage(image_only=True, ensure_channel_first=True, dtype=np.float32)
         rows: list[dict] = []
         unit_thresholds: list[np.ndarray] = []
         drawn = [0]  # overlays drawn so far
+        seconds_of = folder.manifest.setdefault("seconds", {})
 
         def finish(index: int, data: dict, threshold: str | float) -> None:
             data["mask"] = self.binarize(data["map"], data["image"], threshold)
-            write_mask({"image": data["image"], "mask": data["mask"]})
             row = rows[index]
-            row["mask"] = self._output_path(out, data["image"], "mask")
+            written = write_mask({"image": data["image"], "mask": data["mask"], "output_name": stems[index]})
+            folder.record(row["case"], "mask", written["mask_path"])
+            row["mask"] = written["mask_path"]
             row["mask_voxels"] = int(data["mask"].sum())
             if evaluation is not None:
                 spacing = [float(s) for s in convert_to_tensor(data["image"].pixdim).tolist()]
@@ -316,30 +411,39 @@ class VolumeSegmentationPipeline:
                     overlay, data["image"], data["map"], data["mask"], data.get("seg"),
                     num_slices=overlay_slices, slice_axis=self.slice_axis, title=f"{row['case']}",
                 )
+                folder.record(row["case"], "overlay", overlay)
                 row["overlay"] = str(overlay)
 
+        num_reused = 0
         for i, item in enumerate(items):
+            case = cases[i]
             data = self.load(item)
-            start = time.perf_counter()
-            raw = self.predict(data["image"])
-            data["map"] = self.normalize(raw, data["image"])
-            seconds = time.perf_counter() - start
-            write_map({"image": data["image"], "map": data["map"]})
-            rows.append(
-                {
-                    "case": str(data.get("case")),
-                    "image": str(item["image"]),
-                    "map": self._output_path(out, data["image"], "map"),
-                    "seconds": seconds,
-                }
-            )
+            kept = folder.recorded(case, "map") if reuse_maps else None
+            if kept is not None:  # resumed: this map was written completely by the same run
+                data["map"] = convert_to_tensor(load_map(str(kept)), track_meta=False)
+                raw = data["map"]
+                seconds = float(seconds_of.get(case, float("nan")))
+                map_path = str(kept)
+                num_reused += 1
+            else:
+                start = time.perf_counter()
+                raw = self.predict(data["image"])
+                data["map"] = self.normalize(raw, data["image"])
+                seconds = time.perf_counter() - start
+                seconds_of[case] = seconds
+                map_path = write_map({"image": data["image"], "map": data["map"], "output_name": stems[i]})["map_path"]
+                folder.record(case, "map", map_path)
+            rows.append({"case": case, "image": str(item["image"]), "map": map_path, "seconds": seconds})
             if evaluation is not None:
-                evaluation.add_map(rows[-1]["case"], raw, data["seg"], body=data["image"])
+                evaluation.add_map(case, raw, data["seg"], body=data["image"])
             if dataset_level:
                 unit_thresholds.append(otsu_thresholds(data["map"], data["image"], slice_axis=self.slice_axis))
             else:
                 finish(i, data, self.threshold)
-            logger.info(f"{rows[-1]['case']}: map in {seconds:.1f} s ({i + 1}/{len(items)})")
+            logger.info(
+                f"{case}: map {'kept from the interrupted run' if kept is not None else f'in {seconds:.1f} s'} "
+                f"({i + 1}/{len(items)})"
+            )
 
         threshold: str | float = self.threshold
         if dataset_level:
@@ -349,7 +453,6 @@ class VolumeSegmentationPipeline:
                 raise ValueError("threshold='average_otsu': no map has contrast inside the body; threshold undefined.")
             threshold = float(values.mean())
             logger.info(f"average Otsu threshold over {values.size} slices: {threshold:.4f}")
-            load_map = LoadImage(image_only=True, ensure_channel_first=True, dtype=np.float32)
             for i, item in enumerate(items):
                 data = self.load(item)
                 data["map"] = convert_to_tensor(load_map(rows[i]["map"]), track_meta=False)
@@ -357,11 +460,12 @@ class VolumeSegmentationPipeline:
         for row in rows:
             row["threshold"] = threshold if isinstance(threshold, float) else "otsu per slice"
 
-        files = {"predictions": str(write_csv(out / "predictions.csv", rows))}
+        files: dict[str, str] = {}
         summary = None
         if evaluation is not None:
             summary = evaluation.aggregate()
-            summary["seconds_per_volume"] = float(np.mean([r["seconds"] for r in rows]))
+            summary["seconds_per_volume"] = float(np.nanmean([r["seconds"] for r in rows])) if any(
+                math.isfinite(r["seconds"]) for r in rows) else float("nan")
             summary["threshold"] = threshold
             metric_rows = [{**evaluation.rows.get(r["case"], {}), **{k: r[k] for k in ("image", "seconds")}} for r in rows]
             files["metrics"] = str(write_csv(out / "metrics.csv", metric_rows))
@@ -372,11 +476,26 @@ class VolumeSegmentationPipeline:
                     notes=self.describe(),
                 )
             )
-            with open(out / "summary.json", "w") as f:
-                json.dump({k: _finite(v) for k, v in summary.items()}, f, indent=2)
-            files["summary_json"] = str(out / "summary.json")
+            files["summary_json"] = str(
+                write_text_atomic(
+                    out / "summary.json", json.dumps({k: _finite(v) for k, v in summary.items()}, indent=2)
+                )
+            )
             logger.info(
                 f"slice Dice {summary['slice_dice']:.3f} over {summary['num_positive_slices']} positive slices, "
                 f"volume Dice {summary['volume_dice']:.3f} over {summary['num_positive_volumes']} volumes"
             )
-        return {"rows": rows, "summary": summary, "threshold": threshold, "files": files}
+        # last: the list of results, from what is on disk (a file missing or changed since it was written is an error)
+        for row in rows:
+            for key in ("map", "mask"):
+                if folder.recorded(row["case"], key) is None:
+                    raise RuntimeError(f"{row['case']}: the {key} {row[key]} is missing or changed on disk; rerun.")
+        for key, path in files.items():
+            folder.record("_run", Path(path).name, path)
+        files["predictions"] = str(write_csv(out / "predictions.csv", rows))
+        folder.record("_run", "predictions.csv", files["predictions"])
+        folder.finish()
+        files["manifest"] = str(folder.manifest_path)
+        if num_reused:
+            logger.info(f"{out}: {num_reused} of {len(items)} maps kept from the interrupted run")
+        return {"rows": rows, "summary": summary, "threshold": threshold, "files": files, "resumed": folder.resumed}

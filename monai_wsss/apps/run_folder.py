@@ -1,0 +1,345 @@
+# Copyright (c) monai_wsss contributors. Licensed under the Apache License, Version 2.0.
+"""
+One output folder per run: what a segmentation run wrote, recorded in a manifest, so that a rerun resumes the same
+run and refuses a folder that holds another run's results.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+import uuid
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from monai_wsss.transforms.io import TEMP_PREFIX, remove_stale_temporaries, write_text_atomic
+
+__all__ = [
+    "MANIFEST_NAME",
+    "RunFolder",
+    "RunFolderError",
+    "file_checksum",
+    "input_checksum",
+    "state_dict_checksum",
+    "unique_output_stems",
+]
+
+logger = logging.getLogger(__name__)
+
+#: the manifest a run writes into its output folder
+MANIFEST_NAME = "run_manifest.json"
+_VERSION = 1
+# files a run of this package writes at the top of its folder; a folder holding one of these without a manifest
+# belongs to a run we know nothing about
+_RESULT_SUFFIXES = ("_map.nii.gz", "_mask.nii.gz")
+_RESULT_NAMES = ("predictions.csv", "metrics.csv", "summary.md", "summary.json")
+
+
+class RunFolderError(ValueError):
+    """The output folder cannot be used for this run (another run's results, not writable)."""
+
+
+def file_checksum(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """SHA-256 of a file's bytes (hex)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def input_checksum(path: str | os.PathLike) -> str:
+    """
+    SHA-256 of an input: a file's bytes, or for a folder (a DICOM series) the names and bytes of every file in it.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist (named).
+    """
+    p = Path(path)
+    if p.is_file():
+        return file_checksum(p)
+    if not p.is_dir():
+        raise FileNotFoundError(f"input not found: {p}")
+    digest = hashlib.sha256()
+    for f in sorted(x for x in p.rglob("*") if x.is_file()):
+        digest.update(str(f.relative_to(p)).encode())
+        digest.update(file_checksum(f).encode())
+    return digest.hexdigest()
+
+
+def state_dict_checksum(module: torch.nn.Module | None) -> str | None:
+    """SHA-256 of a network's weights (names, shapes, dtypes and values); None for no network."""
+    if module is None or not hasattr(module, "state_dict"):
+        return None
+    digest = hashlib.sha256()
+    for name, value in sorted(module.state_dict().items()):
+        if not isinstance(value, torch.Tensor):
+            continue
+        t = value.detach().cpu().contiguous()
+        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def unique_output_stems(items: Sequence[Mapping]) -> list[str]:
+    """
+    Output names of a run's cases, unique within the run: the image file's name without extension where that
+    is unique; where two images share a file name (different folders), ``<name>_<case id>``; where that still
+    collides, ``<name>_<position in the list>``.
+
+    Args:
+        items: datalist items with ``image`` (and ``case``).
+
+    Returns:
+        one stem per item, in order.
+
+    Example::
+
+        >>> unique_output_stems([{"image": "a/x.nii.gz", "case": "a"}, {"image": "b/x.nii.gz", "case": "b"}])
+        ['x_a', 'x_b']
+    """
+
+    def stem(item: Mapping) -> str:
+        name = os.path.basename(str(item["image"]).rstrip(os.sep))
+        for ext in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd"):
+            if name.endswith(ext):
+                return name[: -len(ext)]
+        return name
+
+    stems = [stem(it) for it in items]
+    counts = Counter(stems)
+    named = [s if counts[s] == 1 else f"{s}_{it.get('case', i)}" for i, (s, it) in enumerate(zip(stems, items))]
+    counts = Counter(named)
+    return [s if counts[s] == 1 else f"{s}_{i}" for i, s in enumerate(named)]
+
+
+def _jsonable(value: Any) -> Any:
+    """Settings as JSON: numbers, text, lists and dicts; nan / inf as text; anything else by its repr."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, torch.device):
+        return str(value)
+    return repr(value)
+
+
+class RunFolder:
+    """
+    The output folder of one segmentation run, and its manifest ``run_manifest.json``: the inputs (paths and
+    SHA-256), the settings, and every file written with its SHA-256.
+
+    :py:meth:`open` decides what happens to a folder before any compute:
+
+    - empty or missing: a new run;
+    - a manifest of the same run (same inputs with the same checksums, same settings): the run is resumed; files
+      recorded and unchanged on disk are kept, every other file is written again;
+    - a manifest of another run, or results of this package without a manifest: refused with
+      :py:class:`RunFolderError`, unless ``overwrite=True``, which deletes the files the old run wrote first
+      (so the folder never mixes two runs).
+
+    Every file is written under a temporary name and renamed into place (see
+    :py:func:`~monai_wsss.transforms.io.atomic_write`); :py:meth:`record` enters it in the manifest, itself
+    rewritten atomically, so a killed run leaves complete files and a manifest that lists only them.
+
+    Args:
+        output_dir: the folder.
+        inputs: the run's items (``image``, ``seg`` paths are checksummed).
+        settings: everything the results depend on (JSON-able values; others are stored by ``repr``).
+        overwrite: replace another run's results.
+
+    Raises:
+        RunFolderError: from :py:meth:`open`, naming the folder and what differs.
+
+    Example::
+
+        folder = RunFolder("out", items, {"method": "cdm", "noise_level": 300})
+        folder.open()
+        if not folder.is_complete(case, ["map", "mask"]):
+            ...  # write out/<name>_map.nii.gz, then folder.record(case, "map", path)
+    """
+
+    def __init__(
+        self, output_dir: str | os.PathLike, inputs: Sequence[Mapping], settings: Mapping, overwrite: bool = False
+    ) -> None:
+        self.path = Path(output_dir)
+        self.manifest_path = self.path / MANIFEST_NAME
+        self.inputs = [
+            {k: str(it[k]) for k in ("case", "image", "seg") if it.get(k) is not None} for it in inputs
+        ]
+        self.settings = _jsonable(dict(settings))
+        self.overwrite = bool(overwrite)
+        self.resumed = False
+        self.manifest: dict = {}
+
+    # ---- before any compute -----------------------------------------------------------------------------------
+    def check_writable(self) -> None:
+        """Create the folder and write / delete a probe file in it. Raises RunFolderError naming the folder."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            probe = self.path / f"{TEMP_PREFIX}probe-{uuid.uuid4().hex[:8]}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as err:
+            raise RunFolderError(
+                f"output folder {self.path} is not writable ({type(err).__name__}: {err.strerror or err}); "
+                "pass another --output_dir."
+            ) from None
+
+    def _checksummed_inputs(self) -> list[dict]:
+        out = []
+        for item in self.inputs:
+            row = dict(item)
+            for key in ("image", "seg"):
+                if key in item:
+                    row[f"{key}_sha256"] = input_checksum(item[key])
+            out.append(row)
+        return out
+
+    def _foreign_results(self) -> list[str]:
+        if not self.path.is_dir():
+            return []
+        names = [p.name for p in self.path.iterdir() if p.is_file()]
+        return sorted(n for n in names if n in _RESULT_NAMES or n.endswith(_RESULT_SUFFIXES))
+
+    def _differences(self, old: Mapping, new: Mapping) -> list[str]:
+        diffs = []
+        old_inputs, new_inputs = old.get("inputs", []), new["inputs"]
+        if len(old_inputs) != len(new_inputs):
+            diffs.append(f"{len(old_inputs)} input volumes vs {len(new_inputs)} now")
+        else:
+            for a, b in zip(old_inputs, new_inputs):
+                if a != b:
+                    what = "changed content" if a.get("image") == b.get("image") else f"was {a.get('image')}"
+                    diffs.append(f"input {b.get('image')} ({what})")
+                    break
+        old_settings, new_settings = old.get("settings", {}), new["settings"]
+        for key in sorted(set(old_settings) | set(new_settings)):
+            if old_settings.get(key) != new_settings.get(key):
+                diffs.append(f"{key}: {old_settings.get(key)!r} then, {new_settings.get(key)!r} now")
+        return diffs
+
+    def open(self) -> RunFolder:
+        """
+        Check the folder and start or resume the run (see the class docstring). Call before any compute.
+
+        Returns:
+            self (``resumed`` tells whether an earlier run of the same settings is continued).
+
+        Raises:
+            RunFolderError: not writable, or another run's results without ``overwrite``.
+        """
+        self.check_writable()
+        stale = remove_stale_temporaries(self.path)
+        if stale:
+            logger.info(f"{self.path}: removed {len(stale)} temporary file(s) of an interrupted run")
+        new = {"version": _VERSION, "inputs": self._checksummed_inputs(), "settings": self.settings}
+        old: dict | None = None
+        if self.manifest_path.is_file():
+            try:
+                old = json.loads(self.manifest_path.read_text())
+            except (OSError, ValueError):
+                old = {"settings": {"manifest": "unreadable"}}
+        if old is not None:
+            diffs = self._differences(old, new)
+            if not diffs:
+                self.manifest = {**old, **new, "files": old.get("files", {})}
+                self.manifest.pop("finished", None)
+                self.resumed = True
+                kept = sum(len(v) for v in self.manifest["files"].values())
+                logger.info(f"{self.path}: resuming the run recorded in {MANIFEST_NAME} ({kept} file(s) written)")
+            elif not self.overwrite:
+                raise RunFolderError(
+                    f"output folder {self.path} holds the results of another run ({MANIFEST_NAME}: "
+                    f"{'; '.join(diffs[:4])}{' ...' if len(diffs) > 4 else ''}); pass another --output_dir, or "
+                    "--overwrite true to replace them."
+                )
+            else:
+                self._remove_recorded(old)
+        else:
+            foreign = self._foreign_results()
+            if foreign and not self.overwrite:
+                raise RunFolderError(
+                    f"output folder {self.path} holds results without a {MANIFEST_NAME} ({', '.join(foreign[:3])}"
+                    f"{' ...' if len(foreign) > 3 else ''}); pass another --output_dir, or --overwrite true to "
+                    "replace them."
+                )
+            for name in foreign:
+                (self.path / name).unlink()
+            if foreign:
+                logger.info(f"{self.path}: overwrite: removed {len(foreign)} earlier result file(s)")
+        if not self.resumed:
+            self.manifest = {**new, "files": {}, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        # the run's reports are written again from what is on disk at its end: the old ones would describe a
+        # state that is no longer true while this run is under way
+        for name in _RESULT_NAMES:
+            self.forget(name)
+        self._save()
+        return self
+
+    def _remove_recorded(self, old: Mapping) -> None:
+        removed = 0
+        for files in old.get("files", {}).values():
+            for entry in files.values():
+                p = self.path / entry["path"]
+                if p.is_file():
+                    p.unlink()
+                    removed += 1
+        for name in self._foreign_results():
+            (self.path / name).unlink()
+            removed += 1
+        overlays = self.path / "overlays"
+        if overlays.is_dir():
+            shutil.rmtree(overlays)
+        logger.info(f"{self.path}: overwrite: removed {removed} file(s) of the earlier run")
+
+    # ---- during the run ---------------------------------------------------------------------------------------
+    def _save(self) -> None:
+        write_text_atomic(self.manifest_path, json.dumps(self.manifest, indent=1) + "\n")
+
+    def record(self, case: str, name: str, path: str | os.PathLike) -> None:
+        """Enter a written file of ``case`` (``name``: ``"map"``, ``"mask"``, ``"overlay"``) in the manifest."""
+        p = Path(path)
+        rel = os.path.relpath(p, self.path)
+        files = self.manifest.setdefault("files", {})
+        files.setdefault(case, {})[name] = {"path": rel, "sha256": file_checksum(p)}
+        self._save()
+
+    def forget(self, name: str, case: str = "_run") -> None:
+        """Drop a file from the manifest and from disk (a report about to be rewritten)."""
+        entry = self.manifest.get("files", {}).get(case, {}).pop(name, None)
+        target = self.path / (entry["path"] if entry else name)
+        if target.is_file():
+            target.unlink()
+
+    def recorded(self, case: str, name: str) -> Path | None:
+        """The path of a recorded file of ``case`` when it is on disk with its recorded checksum, else None."""
+        entry = self.manifest.get("files", {}).get(case, {}).get(name)
+        if not entry:
+            return None
+        p = self.path / entry["path"]
+        if not p.is_file() or file_checksum(p) != entry["sha256"]:
+            return None
+        return p
+
+    def is_complete(self, case: str, names: Sequence[str]) -> bool:
+        """Whether every file of ``names`` of ``case`` is recorded and unchanged on disk."""
+        return all(self.recorded(case, n) is not None for n in names)
+
+    def finish(self) -> None:
+        """Mark the run complete in the manifest."""
+        self.manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        self._save()
