@@ -255,6 +255,7 @@ def run_demo(
         "seed": seed,
         "num_overlays": num_overlays,
         "progress": False,
+        "overwrite": True,  # the demo retrains its networks: results of an earlier demo in out_dir are replaced
     }
     runs: list[tuple[str, dict]] = [(m, {"method": m}) for m in cfg["methods"]]
     # the honest baseline: FLAIR lesions are bright, a fixed threshold on the intensity already finds them
