@@ -73,7 +73,7 @@ def test_nonzero_percentile_scaling_keeps_meta_and_rejects_bad_input():
     bad[0, 1, 1, 1] = float("nan")
     with pytest.raises(ValueError, match=r"key 'image'.*case7_flair.nii.gz.*NaN"):
         ScaleIntensityNonzeroPercentilesd("image")({"image": bad})
-    with pytest.raises(ValueError, match="no non-zero voxel"):
+    with pytest.raises(ValueError, match="no voxel besides its background"):
         ScaleIntensityNonzeroPercentiles()(torch.zeros(1, 4, 4, 4))
     with pytest.raises(ValueError, match="percentiles"):
         ScaleIntensityNonzeroPercentiles(lower=60, upper=40)
