@@ -4,6 +4,10 @@ Speed benchmark: per-slice wall time of CDM, CG-CDM and CG-Diff on the same netw
 time of a whole 240 x 240 x 155 volume through CDM with :class:`~monai_wsss.inferers.VolumeInferer`.
 
     python -m monai_wsss.benchmark speed --out_dir outputs/speed [--bundle_root bundles/brats_cdm]
+    python -m monai_wsss.benchmark speed --mode volume --image <case>_flair.nii.gz [--bundle_root ...]
+
+``--mode volume`` times the whole path a bundle user waits for (load, map, post-process, write) on one volume,
+per stage and method (see :py:mod:`monai_wsss.benchmark.volume`).
 
 With ``--bundle_root`` each method runs at the bundle's ``configs/inference.json`` defaults with the bundle's
 networks; options given on the command line override them. Without it, timing does not depend on the weights'
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -84,7 +89,7 @@ def run_speed_benchmark(
     cgdiff_level: int = 400,
     cgdiff_guidance: float = 100.0,
     volume_shape: tuple[int, int, int] = (240, 240, 155),
-    volume_batch: int = 32,
+    volume_batch: int = 8,
     weights: str | None = None,
     classifier_weights: str | None = None,
     device: str = "cpu",
@@ -196,6 +201,15 @@ def resolve_speed_settings(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    mode = argparse.ArgumentParser(add_help=False)
+    mode.add_argument("--mode", choices=("slice", "volume"), default="slice")
+    known, rest = mode.parse_known_args(argv)
+    if known.mode == "volume":  # the whole user path on one volume, per stage (monai_wsss.benchmark.volume)
+        from monai_wsss.benchmark.volume import main as volume_main
+
+        return volume_main(rest)
+    argv = rest
     parser = argparse.ArgumentParser(prog="python -m monai_wsss.benchmark speed", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out_dir", default="outputs/speed")
     parser.add_argument("--batch", type=int, default=8)
@@ -207,7 +221,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--cg_cdm_steps", type=int, default=None, help="CG-CDM R (default: bundle's or --cdm_steps)")
     parser.add_argument("--cgdiff_level", type=int, default=None, help="CG-Diff L (default: bundle's or 400)")
     parser.add_argument("--cgdiff_guidance", type=float, default=None, help="CG-Diff s (default: bundle's or 100)")
-    parser.add_argument("--volume_batch", type=int, default=32)
+    parser.add_argument("--volume_batch", type=int, default=8)
     parser.add_argument("--weights", default=None)
     parser.add_argument("--classifier_weights", default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -4,7 +4,7 @@ from monai_wsss.inferers.diffusion_map import DiffusionMapInferer
 from monai_wsss.inferers.ensemble import NoiseEnsembleInferer
 from monai_wsss.inferers.guided_anomaly import GuidedDiffusionAnomalyInferer
 from monai_wsss.inferers.threshold import IntensityThresholdInferer
-from monai_wsss.inferers.volume import VolumeInferer
+from monai_wsss.inferers.volume import VolumeInferer, reuse_freed_memory
 
 __all__ = [
     "CAM_METHODS",
@@ -17,4 +17,5 @@ __all__ = [
     "TimestepClassifierWrapper",
     "VolumeInferer",
     "default_cam_target_layer",
+    "reuse_freed_memory",
 ]
