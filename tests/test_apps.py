@@ -113,7 +113,7 @@ def test_build_method_inferer(scheduler):
         build_method_inferer("cg_cdm", scheduler, net, clf, guidance_scale=0.0)
     with pytest.raises(ValueError, match="diffusion network"):
         build_method_inferer("cdm", scheduler, None)
-    assert [default_map_mode(m) for m in METHODS] == ["signed", "signed", "abs", "abs", None]
+    assert [default_map_mode(m) for m in METHODS] == [None, "signed", "signed", "abs", "abs", None, None]
     assert default_map_mode("cdm", "chaos") == "abs"
 
 

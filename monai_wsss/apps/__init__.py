@@ -7,10 +7,14 @@ from monai_wsss.apps.methods import (
     CLASSIFIER_METHODS,
     METHODS,
     NETWORK_METHODS,
+    SEGMENTER_METHODS,
     build_method_inferer,
     default_map_mode,
+    default_normalize_per,
+    default_threshold,
 )
 from monai_wsss.apps.pipeline import THRESHOLD_MODES, VolumeSegmentationPipeline
+from monai_wsss.apps.pseudo_masks import PseudoMaskGenerator
 from monai_wsss.apps.run_folder import MANIFEST_NAME, RunFolder, RunFolderError, unique_output_stems
 from monai_wsss.apps.reports import (
     VolumeEvaluation,
@@ -26,6 +30,8 @@ __all__ = [
     "MANIFEST_NAME",
     "METHODS",
     "NETWORK_METHODS",
+    "PseudoMaskGenerator",
+    "SEGMENTER_METHODS",
     "THRESHOLD_MODES",
     "RunFolder",
     "RunFolderError",
@@ -34,6 +40,8 @@ __all__ = [
     "VolumeSegmentationPipeline",
     "build_method_inferer",
     "default_map_mode",
+    "default_normalize_per",
+    "default_threshold",
     "format_summary_table",
     "list_volumes",
     "load_weights",

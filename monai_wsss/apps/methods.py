@@ -7,17 +7,38 @@ from collections.abc import Callable
 
 import torch
 
-from monai_wsss.inferers import ConditionDifferenceInferer, GuidedDiffusionAnomalyInferer, IntensityThresholdInferer
+from monai_wsss.inferers import (
+    ConditionDifferenceInferer,
+    GuidedDiffusionAnomalyInferer,
+    IntensityThresholdInferer,
+    SegmentationProbabilityInferer,
+)
 
-__all__ = ["METHODS", "CLASSIFIER_METHODS", "NETWORK_METHODS", "build_method_inferer", "default_map_mode"]
+__all__ = [
+    "METHODS",
+    "CLASSIFIER_METHODS",
+    "NETWORK_METHODS",
+    "SEGMENTER_METHODS",
+    "build_method_inferer",
+    "default_map_mode",
+    "default_normalize_per",
+    "default_threshold",
+]
 
-#: method names: CDM, classifier-guided CDM, classifier-guided diffusion (Wolleb et al.), classifier-free guided
-#: diffusion (Sanchez et al.), and the intensity-threshold baseline (no network)
-METHODS = ("cdm", "cg_cdm", "cg_diff", "cfg", "threshold")
+#: method names: the second-stage segmentation network trained on diffusion pseudo-masks, CDM, classifier-guided
+#: CDM, classifier-guided diffusion (Wolleb et al.), classifier-free guided diffusion (Sanchez et al.), and two
+#: intensity baselines without a network: per model-space slice (``threshold``) and the fixed per-volume
+#: threshold at full resolution (``volume_threshold``: 0.7 x the 99th body percentile of each volume)
+METHODS = ("segmenter", "cdm", "cg_cdm", "cg_diff", "cfg", "threshold", "volume_threshold")
 #: methods that need the noisy classifier
 CLASSIFIER_METHODS = ("cg_cdm", "cg_diff")
 #: methods that need the diffusion network
 NETWORK_METHODS = ("cdm", "cg_cdm", "cg_diff", "cfg")
+#: methods that need the second-stage segmentation network (``train_segmentation.json``)
+SEGMENTER_METHODS = ("segmenter",)
+
+# the fixed threshold of the per-volume intensity baseline, on its map (intensity / 99th body percentile)
+_VOLUME_THRESHOLD = 0.7
 
 
 def _check_method(method: str) -> None:
@@ -50,11 +71,48 @@ def default_map_mode(method: str, task: str = "brats") -> str | None:
         ('signed', 'abs')
     """
     _check_method(method)
-    if method == "threshold":
+    if method in ("threshold", "volume_threshold", "segmenter"):
         return None
     if method in ("cdm", "cg_cdm"):
         return "signed" if task == "brats" else "abs"
     return "abs"
+
+
+def default_threshold(method: str, task: str = "brats") -> str | float:
+    """
+    The bundles' default mask threshold of a method (the pipeline's ``threshold``).
+
+    - ``"segmenter"``: 0.5 on its probability map (checked on the validation split, see the model cards);
+    - ``"volume_threshold"``: 0.7 on intensity / 99th body percentile, the definition of that baseline;
+    - the map methods: one average Otsu threshold over the run's per-volume normalised maps on BraTS (chosen on
+      validation: it leaves tumour-free slices empty), per-slice Otsu on CHAOS (no difference there).
+
+    Args:
+        method: one of :py:data:`METHODS`.
+        task: ``"brats"`` or ``"chaos"``.
+
+    Returns:
+        a float, ``"average_otsu"`` or ``"otsu"``.
+
+    Raises:
+        ValueError: unknown method.
+
+    Example::
+
+        >>> default_threshold("segmenter"), default_threshold("cg_cdm", "brats"), default_threshold("cdm", "chaos")
+        (0.5, 'average_otsu', 'otsu')
+    """
+    _check_method(method)
+    if method == "segmenter":
+        return 0.5
+    if method == "volume_threshold":
+        return _VOLUME_THRESHOLD
+    return "average_otsu" if task == "brats" else "otsu"
+
+
+def default_normalize_per(method: str, task: str = "brats") -> str:
+    """``"volume"`` or ``"slice"``: the map normalisation scope that goes with :py:func:`default_threshold`."""
+    return "volume" if default_threshold(method, task) != "otsu" else "slice"
 
 
 def build_method_inferer(
@@ -88,6 +146,9 @@ def build_method_inferer(
       null class.
     - ``"threshold"``: :py:class:`~monai_wsss.inferers.IntensityThresholdInferer` (the image intensity relative
       to its ``threshold_percentile``; no network).
+    - ``"volume_threshold"``: the same on whole volumes at full resolution (one percentile per volume).
+    - ``"segmenter"``: :py:class:`~monai_wsss.inferers.SegmentationProbabilityInferer`, the softmax target
+      probability of the second-stage segmentation network (passed as ``network``).
 
     The classifier is attached to the inferer as its default, so the inferer is called as
     ``inferer(x0, network)``.
@@ -127,6 +188,16 @@ def build_method_inferer(
     _check_method(method)
     if method == "threshold":
         return IntensityThresholdInferer(percentile=threshold_percentile)
+    if method == "volume_threshold":
+        return IntensityThresholdInferer(
+            percentile=threshold_percentile, threshold=_VOLUME_THRESHOLD, intensity_range=(0.0, 1.0), whole_volume=True
+        )
+    if method == "segmenter":
+        if network is None:
+            raise ValueError(
+                "method 'segmenter' needs the segmentation network (segmenter_path, trained with train_segmentation.json)."
+            )
+        return SegmentationProbabilityInferer(activation="softmax", target_channel=1)
     if scheduler is None:
         raise ValueError(f"method {method!r} needs the diffusion scheduler the network was trained with.")
     if network is None:

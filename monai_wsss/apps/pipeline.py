@@ -16,14 +16,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.transforms import LoadImage
+from monai.transforms import LoadImage, RemoveSmallObjects, Resize
 from monai.utils import convert_to_tensor
 
 import monai_wsss
 from monai_wsss.apps.reports import VolumeEvaluation, save_overlay, write_csv, write_summary_markdown
 from monai_wsss.apps.run_folder import RunFolder, state_dict_checksum, unique_output_stems
 from monai_wsss.data import TASKS, TaskPreset, volume_preprocess
-from monai_wsss.inferers import VolumeInferer
+from monai_wsss.inferers import SliceProbabilityInferer, VolumeInferer
 from monai_wsss.transforms import NormalizeMap, OtsuThreshold, map_writer, otsu_thresholds, write_text_atomic
 
 __all__ = ["VolumeSegmentationPipeline", "THRESHOLD_MODES"]
@@ -80,13 +80,19 @@ class VolumeSegmentationPipeline:
             with ``"average_otsu"`` or a fixed threshold, slices whose map stays low get an empty mask).
         threshold: ``"otsu"`` (per slice), ``"average_otsu"`` (one threshold per :py:meth:`run`) or a float.
         largest_component: keep only the largest connected component of each slice's mask.
+        slice_gate: volume-aware masks: empty the mask of every slice whose probability of holding the target,
+            by ``gate_classifier`` on the clean slice (timestep 0), is below this value (``None``: no gate).
+        gate_classifier: the noisy classifier of the slice gate (needed with ``slice_gate``).
+        min_component_size: volume-aware masks: drop 3D connected components (26-connectivity) smaller than this
+            many voxels, with MONAI ``RemoveSmallObjects`` (0: keep all).
         classifier: passed as ``classifier=`` to every inferer call (not needed when the inferer holds one).
         device: device of the inference (default: the network's, else CPU).
         seed: seed of the diffusion noise, re-seeded for each volume (results do not depend on the order).
         progress: show progress bars over slice batches.
 
     Raises:
-        ValueError: unknown task, ``map_mode``, ``normalize_per`` or ``threshold``; a non-callable inferer.
+        ValueError: unknown task, ``map_mode``, ``normalize_per`` or ``threshold``; a non-callable inferer;
+            ``slice_gate`` outside [0, 1] or without ``gate_classifier``; a negative ``min_component_size``.
 
     Example::
 
@@ -112,6 +118,9 @@ class VolumeSegmentationPipeline:
         device: torch.device | str | None = None,
         seed: int = 0,
         progress: bool = False,
+        slice_gate: float | None = None,
+        gate_classifier: Callable[..., torch.Tensor] | None = None,
+        min_component_size: int = 0,
     ) -> None:
         if not callable(inferer):
             raise ValueError(f"`inferer` must be callable as inferer(x, network, ...), got {type(inferer).__name__}.")
@@ -132,6 +141,18 @@ class VolumeSegmentationPipeline:
         self.map_mode = None if self.normalizer is None else map_mode
         self.threshold = threshold if isinstance(threshold, str) else float(threshold)
         self.largest_component = bool(largest_component)
+        if slice_gate is not None:
+            if not 0.0 <= float(slice_gate) <= 1.0:
+                raise ValueError(f"`slice_gate` must be a probability in [0, 1] or None, got {slice_gate!r}.")
+            if gate_classifier is None:
+                raise ValueError("`slice_gate` needs `gate_classifier` (the noisy classifier, classifier_path).")
+        if int(min_component_size) < 0:
+            raise ValueError(f"`min_component_size` must be >= 0 voxels, got {min_component_size!r}.")
+        self.slice_gate = None if slice_gate is None else float(slice_gate)
+        self.min_component_size = int(min_component_size)
+        self.component_filter = (
+            RemoveSmallObjects(min_size=self.min_component_size, connectivity=3) if self.min_component_size else None
+        )
         self.classifier = classifier
         if device is None:
             params = [] if network is None else list(network.parameters())
@@ -147,6 +168,8 @@ class VolumeSegmentationPipeline:
             sw_device=self.device,
             progress=progress,
         )
+        self.gate = None if self.slice_gate is None else SliceProbabilityInferer(gate_classifier)  # type: ignore[arg-type]
+        self.gate_size = tuple(getattr(gate_classifier, "input_shape", None) or self.volume_inferer.roi_size)
         self.preprocess = volume_preprocess(self.preset)
         try:
             self._takes_generator = "generator" in inspect.signature(inferer).parameters
@@ -174,6 +197,8 @@ class VolumeSegmentationPipeline:
         without body.
         """
         x = convert_to_tensor(image, track_meta=False)[None].to(self.device)
+        if getattr(self.inferer, "whole_volume", False):  # e.g. the per-volume intensity threshold
+            return convert_to_tensor(self.inferer(x, self.network), track_meta=False)[0].detach().float().cpu()
         kwargs: dict[str, Any] = {}
         if self.classifier is not None:
             kwargs["classifier"] = self.classifier
@@ -204,7 +229,40 @@ class VolumeSegmentationPipeline:
             largest_component=self.largest_component,
         )
         body = convert_to_tensor(image, track_meta=False)
-        return convert_to_tensor(thresholder(map01, body_mask=body), track_meta=False)
+        mask = convert_to_tensor(thresholder(map01, body_mask=body), track_meta=False)
+        if self.gate is not None:
+            mask = mask * self.slice_mask(image).to(mask.dtype)
+        if self.component_filter is not None:
+            mask = convert_to_tensor(self.component_filter(mask), track_meta=False).to(mask.dtype)
+        return mask
+
+    def slice_probabilities(self, image: torch.Tensor) -> torch.Tensor:
+        """
+        The gate classifier's probability that each slice of a normalised volume ``(1, H, W, D)`` holds the
+        target (clean slice, timestep 0); 0 for slices without body. Shape ``(n_slices,)`` along the slice axis.
+
+        Raises:
+            ValueError: the pipeline has no slice gate.
+        """
+        if self.gate is None:
+            raise ValueError("this pipeline has no slice gate (slice_gate=None).")
+        slices = convert_to_tensor(image, track_meta=False)[0].movedim(self.slice_axis, 0).float()  # (n, a, b)
+        prob = torch.zeros(slices.shape[0])
+        todo = torch.nonzero(slices.flatten(1).ne(0).any(1)).flatten()
+        # the model space of the training slices (model_space_transform): anti-aliased resize, [0, 1] -> [-1, 1]
+        resize = Resize(spatial_size=self.gate_size, mode="bilinear", anti_aliasing=True)
+        for start in range(0, int(todo.numel()), 64):
+            chunk = todo[start : start + 64]
+            x = convert_to_tensor(resize(slices[chunk]), track_meta=False)[:, None].to(self.device) * 2.0 - 1.0
+            prob[chunk] = self.gate.probabilities(x).cpu()
+        return prob
+
+    def slice_mask(self, image: torch.Tensor) -> torch.Tensor:
+        """``(1, H, W, D)``-broadcastable 0/1 tensor: the slices the gate keeps (probability >= ``slice_gate``)."""
+        keep = (self.slice_probabilities(image) >= self.slice_gate).float()
+        shape = [1, 1, 1, 1]
+        shape[self.slice_axis + 1] = -1
+        return keep.reshape(shape)
 
     def segment(self, item: Mapping | str | os.PathLike, threshold: str | float | None = None) -> dict:
         """
@@ -235,13 +293,19 @@ class VolumeSegmentationPipeline:
         threshold = {"otsu": "Otsu per slice", "average_otsu": "average Otsu over the run"}.get(
             self.threshold, f"fixed {self.threshold}"  # type: ignore[arg-type]
         )
+        volume_aware = []
+        if self.slice_gate is not None:
+            volume_aware.append(f"slices gated by the classifier at p >= {self.slice_gate}")
+        if self.min_component_size:
+            volume_aware.append(f"3D components below {self.min_component_size} voxels dropped")
         return [
             f"inferer: {type(self.inferer).__name__}({parts})",
             f"model-space slices {self.volume_inferer.roi_size[0]} x {self.volume_inferer.roi_size[1]}, "
             f"slice axis {self.slice_axis}, slices without body skipped",
             f"map normalisation: {self.map_mode or 'none'} (inside the body, per {self.normalize_per}); "
             f"threshold: {threshold}"
-            f"{'; largest component per slice' if self.largest_component else ''}",
+            f"{'; largest component per slice' if self.largest_component else ''}"
+            f"{''.join('; ' + v for v in volume_aware)}",
             "scores: Dice / IoU / HD95 per positive slice (mean over all positive slices of all cases) and per "
             "volume; HD95 is missing (not 0) where the mask is empty; AUROC from the raw map",
         ]

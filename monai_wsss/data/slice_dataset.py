@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from monai.data import Dataset, PersistentDataset
-from monai.transforms import Compose, MapTransform, Transform
+from monai.transforms import AsDiscreted, Compose, MapTransform, Transform
 
 from monai_wsss.transforms.intensity import ScaleIntensityNonzeroPercentilesd
 from monai_wsss.transforms.io import LoadVolumed
@@ -175,7 +175,9 @@ class _RequireKeysd(MapTransform):
 
 
 def volume_to_slices(
-    task: str | TaskPreset = "brats", spatial_size: Sequence[int] | int = (64, 64)
+    task: str | TaskPreset = "brats",
+    spatial_size: Sequence[int] | int = (64, 64),
+    extra_mask_keys: Sequence[str] = (),
 ) -> Compose:
     """
     Compose turning one case ``{"image": path, "seg": path, "case": id}`` into a list of model-space slice dicts.
@@ -190,6 +192,9 @@ def volume_to_slices(
     Args:
         task: task name or preset.
         spatial_size: model-space size.
+        extra_mask_keys: keys of further binary masks of the case (paths, e.g. ``"pseudo"``: the pseudo-masks of
+            :py:mod:`monai_wsss.apps.pseudo_masks`), loaded, checked against the image (shape, affine), sliced and
+            moved to model space like ``seg``. The weak label always comes from ``seg``.
 
     Returns:
         a :py:class:`ReadableErrorsCompose` (its output is a list).
@@ -200,12 +205,24 @@ def volume_to_slices(
         >>> # to_slices(item) -> 155 dicts for a BraTS case
     """
     preset = _preset(task)
+    extra = [str(k) for k in extra_mask_keys]
+    if {"image", "seg"} & set(extra):
+        raise ValueError(f"extra_mask_keys must not repeat 'image' or 'seg', got {extra}.")
+    extra_steps: list = []
+    if extra:
+        extra_steps = [LoadVolumed(extra, channel=preset.image_channel)]
+        extra_steps += [ValidateVolumed(image_key="image", seg_key=k, spatial_dims=3) for k in extra]
+        extra_steps += [AsDiscreted(extra, threshold=0.5)]
     return ReadableErrorsCompose(
         [
-            _RequireKeysd(["image", "seg"]),
+            _RequireKeysd(["image", "seg", *extra]),
             volume_preprocess(preset),
+            *extra_steps,
             SliceVolumed(
-                ["image", "seg"], slice_axis=preset.slice_axis, foreground_key="image", fraction_key="body_fraction"
+                ["image", "seg", *extra],
+                slice_axis=preset.slice_axis,
+                foreground_key="image",
+                fraction_key="body_fraction",
             ),
             WeakSliceLabeld(
                 "seg",
@@ -213,7 +230,7 @@ def volume_to_slices(
                 min_pixels=preset.positive_min_pixels,
                 min_fraction=preset.positive_min_fraction,
             ),
-            model_space_transform(spatial_size),
+            model_space_transform(spatial_size, seg_keys=["seg", *extra]),
         ]
     )
 
@@ -252,15 +269,17 @@ class _CaseToPackedSlices(Transform):
     A ``Transform`` subclass so that ``PersistentDataset`` treats it as deterministic and caches it.
     """
 
-    def __init__(self, preset: TaskPreset, spatial_size: tuple[int, int]) -> None:
-        self.to_slices = volume_to_slices(preset, spatial_size)
+    def __init__(self, preset: TaskPreset, spatial_size: tuple[int, int], extra_mask_keys: Sequence[str] = ()) -> None:
+        self.to_slices = volume_to_slices(preset, spatial_size, extra_mask_keys)
+        self.arrays = ("image", "seg", *extra_mask_keys)
 
     def __call__(self, item: Mapping) -> dict:
         slices = self.to_slices(dict(item))
         if not slices:
             raise ValueError(f"case {item.get('case', '?')} produced no slice.")
-        packed = {k: v for k, v in slices[0].items() if k not in _SCALAR_KEYS and k not in ("image", "seg")}
-        for key in ("image", "seg"):
+        packed = {k: v for k, v in slices[0].items() if k not in _SCALAR_KEYS and k not in self.arrays}
+        packed["_arrays"] = list(self.arrays)
+        for key in self.arrays:
             packed[key] = torch.stack([torch.as_tensor(s[key]).as_subclass(torch.Tensor) for s in slices]).float()
         for key, dtype in _SCALAR_KEYS.items():
             packed[key] = torch.tensor([s[key] for s in slices], dtype=dtype)
@@ -268,13 +287,14 @@ class _CaseToPackedSlices(Transform):
 
 
 def _unpack(packed: Mapping) -> list[dict]:
-    others = {k: v for k, v in packed.items() if k not in _SCALAR_KEYS and k not in ("image", "seg")}
+    arrays = packed.get("_arrays", ["image", "seg"])
+    others = {k: v for k, v in packed.items() if k not in _SCALAR_KEYS and k not in arrays and k != "_arrays"}
     values = {key: packed[key].tolist() for key in _SCALAR_KEYS}
     out = []
     for i in range(packed["image"].shape[0]):
         item = dict(others)
-        item["image"] = packed["image"][i]
-        item["seg"] = packed["seg"][i]
+        for key in arrays:
+            item[key] = packed[key][i]
         for key in _SCALAR_KEYS:
             item[key] = values[key][i]
         out.append(item)
@@ -297,10 +317,12 @@ def _keep(item: Mapping, preset: TaskPreset, split: str) -> bool:
 _FILTER_ONLY_FIELDS = ("min_body_fraction", "eval_min_fraction")
 
 
-def _cache_subdir(cache_dir: str | os.PathLike, preset: TaskPreset, spatial_size) -> Path:
+def _cache_subdir(cache_dir: str | os.PathLike, preset: TaskPreset, spatial_size, extra_mask_keys=()) -> Path:
     # cached slices depend on the preset and the model size, except the fields used only to filter slices
     fields = {k: v for k, v in dataclasses.asdict(preset).items() if k not in _FILTER_ONLY_FIELDS}
     config = {"version": _CACHE_VERSION, "preset": fields, "spatial_size": list(spatial_size)}
+    if extra_mask_keys:  # keeps the digest of existing caches unchanged
+        config["extra_mask_keys"] = list(extra_mask_keys)
     digest = hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
     return Path(cache_dir) / f"{preset.name}_{'x'.join(map(str, spatial_size))}_{digest}"
 
@@ -313,6 +335,7 @@ def build_slice_dataset(
     split: str = "train",
     transform: Callable | None = None,
     num_workers: int = 0,
+    extra_mask_keys: Sequence[str] = (),
 ) -> Dataset:
     """
     Build the weakly labelled 2D slice dataset of a list of cases.
@@ -336,6 +359,8 @@ def build_slice_dataset(
         split: ``"train"``, ``"eval"`` or ``"all"``.
         transform: optional per-slice transform applied on access (e.g. random augmentation).
         num_workers: worker processes reading cases (0: in this process).
+        extra_mask_keys: further binary masks of each item to slice alongside ``seg`` (e.g. ``("pseudo",)``,
+            pseudo-masks for a second-stage segmentation network); see :py:func:`volume_to_slices`.
 
     Returns:
         a MONAI ``Dataset`` of slice dicts: ``image`` (1, h, w) float32 in [-1, 1], ``seg`` (1, h, w) float32
@@ -367,10 +392,13 @@ def build_slice_dataset(
     for i, item in enumerate(items):
         if not isinstance(item, Mapping) or "case" not in item:
             raise ValueError(f"item {i} must be a dict with a 'case' key, got {item!r}.")
-    per_case = Compose([_CaseToPackedSlices(preset, size)])
+    extra = tuple(str(k) for k in extra_mask_keys)
+    per_case = Compose([_CaseToPackedSlices(preset, size, extra)])
     if cache_dir is not None:
         case_ds = PersistentDataset(
-            data=[dict(it) for it in items], transform=per_case, cache_dir=_cache_subdir(cache_dir, preset, size)
+            data=[dict(it) for it in items],
+            transform=per_case,
+            cache_dir=_cache_subdir(cache_dir, preset, size, extra),
         )
     else:
         case_ds = Dataset(data=[dict(it) for it in items], transform=per_case)

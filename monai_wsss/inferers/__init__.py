@@ -3,6 +3,7 @@ from monai_wsss.inferers.condition_difference import ConditionDifferenceInferer
 from monai_wsss.inferers.diffusion_map import DiffusionMapInferer
 from monai_wsss.inferers.ensemble import NoiseEnsembleInferer
 from monai_wsss.inferers.guided_anomaly import GuidedDiffusionAnomalyInferer
+from monai_wsss.inferers.segmenter import SegmentationProbabilityInferer, SliceProbabilityInferer
 from monai_wsss.inferers.threshold import IntensityThresholdInferer
 from monai_wsss.inferers.volume import VolumeInferer, reuse_freed_memory
 
@@ -14,6 +15,8 @@ __all__ = [
     "GuidedDiffusionAnomalyInferer",
     "IntensityThresholdInferer",
     "NoiseEnsembleInferer",
+    "SegmentationProbabilityInferer",
+    "SliceProbabilityInferer",
     "TimestepClassifierWrapper",
     "VolumeInferer",
     "default_cam_target_layer",

@@ -74,6 +74,10 @@ class IntensityThresholdInferer(Inferer):
         threshold: fixed threshold of :meth:`fixed_threshold_mask`, on the map's scale (> 0).
         intensity_range: (low, high) intensities of the model space, mapped to (0, 1).
         body_threshold: pixels with intensity above this (on the [0, 1] scale) form the body, in [0, 1).
+        whole_volume: tell volume pipelines (:py:class:`~monai_wsss.apps.VolumeSegmentationPipeline`) to pass the
+            whole volume ``(1, 1, H, W, D)`` at its own resolution instead of model-space slices, so the percentile
+            is one per volume: the fixed per-volume threshold baseline (``intensity_range=(0, 1)`` for the
+            pipeline's ``[0, 1]`` volumes).
 
     Returns (``__call__``):
         the map (>= 0, 0 outside the body), shape, device and dtype of the input.
@@ -96,6 +100,7 @@ class IntensityThresholdInferer(Inferer):
         threshold: float = 0.7,
         intensity_range: Sequence[float] = (-1.0, 1.0),
         body_threshold: float = 0.0,
+        whole_volume: bool = False,
     ) -> None:
         if percentile is not None and not 0.0 < float(percentile) <= 100.0:
             raise ValueError(f"percentile must be in (0, 100] or None, got {percentile!r}.")
@@ -109,6 +114,7 @@ class IntensityThresholdInferer(Inferer):
         self.threshold = float(threshold)
         self.intensity_range = (float(intensity_range[0]), float(intensity_range[1]))
         self.body_threshold = float(body_threshold)
+        self.whole_volume = bool(whole_volume)
 
     def _map_and_body(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         DiffusionMapInferer.check_inputs(inputs, None)  # type: ignore[arg-type]  # float, rank 4/5, finite

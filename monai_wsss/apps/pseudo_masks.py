@@ -1,0 +1,203 @@
+# Copyright (c) monai_wsss contributors. Licensed under the Apache License, Version 2.0.
+"""
+Pseudo-masks of a training split, the input of the second stage of weakly supervised segmentation.
+
+Positive slices (image-level label 1) take the mask of a source method (any method a bundle runs); negative slices
+get an exact empty mask (the image-level label says there is nothing to find); ambiguous slices (a few target
+pixels, the task's 0.2 % rule) keep the source's mask and are left out of training by
+:py:func:`~monai_wsss.data.build_slice_dataset`, which applies the same rule.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.data import NibabelWriter
+from monai.transforms import FillHoles
+from monai.utils import convert_to_tensor, optional_import
+
+from monai_wsss.apps.pipeline import VolumeSegmentationPipeline
+from monai_wsss.transforms.weak_label import WeakSliceLabel
+
+tqdm, has_tqdm = optional_import("tqdm", name="tqdm")
+
+__all__ = ["PseudoMaskGenerator"]
+
+logger = logging.getLogger(__name__)
+
+# bump when the pseudo-mask rule changes, so a cache folder is never reused across rules
+_PSEUDO_VERSION = "1"
+
+
+def _write_nifti_atomic(array: torch.Tensor, meta: Mapping, path: Path) -> None:
+    """Write a (1, H, W, D) uint8 mask with ``meta``'s affine under a temporary name, then rename into place."""
+    tmp = path.with_name(f".{path.name[: -len('.nii.gz')]}.tmp{os.getpid()}.nii.gz")
+    writer = NibabelWriter(output_dtype=np.uint8)
+    writer.set_data_array(convert_to_tensor(array, track_meta=False).to(torch.uint8), channel_dim=0)
+    writer.set_metadata(dict(meta), resample=False)
+    try:
+        writer.write(str(tmp), verbose=False)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+class PseudoMaskGenerator:
+    """
+    Pseudo-masks of whole training volumes from a source method and the slices' image-level labels.
+
+    Per volume: ``pipeline.segment(item)`` gives the source's mask in the volume's space; every negative slice
+    (its ground-truth target covers nothing, i.e. the image-level label 0) is set to empty; with ``fill_holes``
+    the holes of each slice's mask are filled (MONAI ``FillHoles``: a bright rim around a darker core, such as
+    oedema around necrosis on FLAIR, becomes one object). The ground-truth ``seg`` is read only through the
+    slice labels, the weak supervision of the task.
+
+    :py:meth:`generate` writes ``<case>_pseudo.nii.gz`` (uint8, the image's affine) per volume into a folder
+    named by the settings' digest (so two settings never share files, and the same settings reuse them) with a
+    ``settings.json``; every file is written under a temporary name and renamed into place, so a killed run
+    leaves only complete files and a rerun continues where it stopped.
+
+    Args:
+        pipeline: the source method as a :py:class:`~monai_wsss.apps.VolumeSegmentationPipeline` with a
+            per-volume threshold (a float or ``"otsu"``; the run-level ``"average_otsu"`` is not available volume
+            by volume). Its ``seed`` makes diffusion sources reproducible.
+        fill_holes: fill the holes of each slice's mask.
+        source_name: name of the source (``settings.json``, log lines), e.g. the method name.
+
+    Raises:
+        ValueError: a pipeline with ``threshold="average_otsu"``.
+
+    Example::
+
+        source = VolumeSegmentationPipeline(None, build_method_inferer("volume_threshold"), task="brats",
+                                            map_mode=None, threshold=0.6)
+        gen = PseudoMaskGenerator(source, fill_holes=True, source_name="volume_threshold@0.6")
+        items = gen.generate(splits["training"], "/work/cache/pseudo")   # items gain "pseudo": path
+        ds = build_slice_dataset(items, "brats", (96, 96), split="train", extra_mask_keys=("pseudo",))
+    """
+
+    def __init__(self, pipeline: VolumeSegmentationPipeline, fill_holes: bool = True, source_name: str = "source") -> None:
+        if pipeline.threshold == "average_otsu":
+            raise ValueError(
+                "pseudo-masks are made volume by volume: give the source pipeline a fixed threshold or 'otsu', "
+                "not 'average_otsu'."
+            )
+        self.pipeline = pipeline
+        self.preset = pipeline.preset
+        self.fill_holes = bool(fill_holes)
+        self.source_name = str(source_name)
+        self.labeler = WeakSliceLabel(
+            min_pixels=self.preset.positive_min_pixels, min_fraction=self.preset.positive_min_fraction
+        )
+        self.hole_filler = FillHoles()
+
+    def settings(self) -> dict:
+        """Everything a pseudo-mask depends on (its digest names the output folder)."""
+        return {
+            "version": _PSEUDO_VERSION,
+            "source": self.source_name,
+            "pipeline": self.pipeline.describe()[:3],
+            "seed": self.pipeline.seed,
+            "fill_holes": self.fill_holes,
+            "task": self.preset.name,
+            "positive_min_pixels": self.preset.positive_min_pixels,
+            "positive_min_fraction": self.preset.positive_min_fraction,
+        }
+
+    def slice_labels(self, seg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        The image-level labels of the slices of a binary ``(1, H, W, D)`` mask along the task's slice axis.
+
+        Returns:
+            ``(label, ambiguous)``, two bool tensors ``(n_slices,)``.
+        """
+        s = convert_to_tensor(seg, track_meta=False)[0].movedim(self.preset.slice_axis, 0)
+        counts = (s != 0).flatten(1).sum(1).tolist()
+        total = int(s[0].numel())
+        labels = [self.labeler.from_counts(int(c), total) for c in counts]
+        return torch.tensor([lab for lab, _ in labels], dtype=torch.bool), torch.tensor([a for _, a in labels])
+
+    def __call__(self, item: Mapping) -> dict:
+        """
+        The pseudo-mask of one case.
+
+        Args:
+            item: ``{"image": path, "seg": path[, "case": id]}``.
+
+        Returns:
+            the pipeline's loaded data with ``pseudo`` (uint8 ``(1, H, W, D)`` MetaTensor in the image's space),
+            ``slice_label`` and ``slice_ambiguous`` (bool ``(n_slices,)``).
+
+        Raises:
+            ValueError: an item without ``seg`` (the image-level labels come from it), and the pipeline's errors.
+        """
+        if not item.get("seg"):
+            raise ValueError(f"case {item.get('case', item.get('image'))}: pseudo-masks need 'seg' for the slice labels.")
+        data = self.pipeline.segment(item)
+        label, ambiguous = self.slice_labels(data["seg"])
+        axis = self.preset.slice_axis
+        mask = convert_to_tensor(data["mask"], track_meta=False).clone()
+        keep_shape = [1, 1, 1, 1]
+        keep_shape[axis + 1] = -1
+        mask = mask * label.to(mask.dtype).reshape(keep_shape)  # negative slices: exactly empty
+        if self.fill_holes:
+            per_slice = mask.movedim(axis + 1, 0)  # (n, 1, a, b)
+            filled = [convert_to_tensor(self.hole_filler(s), track_meta=False) if s.any() else s for s in per_slice]
+            mask = torch.stack(filled).movedim(0, axis + 1)
+        data["pseudo"] = mask.to(torch.uint8)
+        data["slice_label"], data["slice_ambiguous"] = label, ambiguous
+        return data
+
+    def generate(
+        self, items: Sequence[Mapping], output_dir: str | os.PathLike, progress: bool = True
+    ) -> list[dict]:
+        """
+        Write the pseudo-masks of ``items`` (missing ones only) and return the items with ``"pseudo"`` paths.
+
+        Args:
+            items: datalist items with ``image``, ``seg`` and ``case`` (e.g. a bundle's training split).
+            output_dir: cache folder; the masks go to ``output_dir/<task>_<settings digest>/``.
+            progress: tqdm bar over the volumes.
+
+        Returns:
+            copies of the items with ``"pseudo"``: the mask path.
+
+        Raises:
+            ValueError: no items, an item without ``case`` / ``seg``, two items with the same case id.
+        """
+        if not items:
+            raise ValueError("no training volume to make pseudo-masks for (items is empty).")
+        cases = [str(it.get("case", "")) for it in items]
+        if "" in cases:
+            raise ValueError("every item needs a 'case' id (the pseudo-mask file name).")
+        if len(set(cases)) != len(cases):
+            raise ValueError(f"case ids repeat in items: {sorted({c for c in cases if cases.count(c) > 1})}.")
+        settings = self.settings()
+        digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+        folder = Path(output_dir) / f"{self.preset.name}_{digest}"
+        folder.mkdir(parents=True, exist_ok=True)
+        settings_path = folder / "settings.json"
+        if not settings_path.exists():
+            tmp = settings_path.with_name(f".settings.tmp{os.getpid()}.json")
+            tmp.write_text(json.dumps(settings, indent=2))
+            os.replace(tmp, settings_path)
+        out = []
+        todo = [(it, folder / f"{case}_pseudo.nii.gz") for it, case in zip(items, cases)]
+        missing = [(it, p) for it, p in todo if not p.exists()]
+        logger.info(f"pseudo-masks ({self.source_name}) in {folder}: {len(todo) - len(missing)} cached, {len(missing)} to make")
+        bar = tqdm(missing, desc=f"pseudo-masks ({self.source_name})") if progress and has_tqdm else missing
+        for item, path in bar:
+            data = self(item)
+            meta = getattr(data["image"], "meta", {})
+            _write_nifti_atomic(data["pseudo"], meta, path)
+        for item, path in todo:
+            out.append({**dict(item), "pseudo": str(path)})
+        return out
