@@ -141,10 +141,9 @@ def test_evaluate_differs_from_inference_only_where_documented():
         assert differ == {"output_dir", "num_overlays", "evaluate"}
     brats, chaos = _raw("brats", "evaluate.json"), _raw("chaos", "evaluate.json")
     # the CHAOS weights were trained with a null class (classifier-free guidance, method cfg); the BraTS ones not;
-    # BraTS thresholds maps normalised per volume with one average Otsu (chosen on its validation cases), CHAOS per slice
-    assert {k for k in brats if brats[k] != chaos.get(k)} == {
-        "bundle_root", "task", "modality", "null_class", "normalize_per", "threshold"
-    }
+    # per-task thresholds come from default_threshold(method, task): BraTS maps normalised per volume with one
+    # average Otsu (chosen on its validation cases), CHAOS per slice
+    assert {k for k in brats if brats[k] != chaos.get(k)} == {"bundle_root", "task", "modality", "null_class"}
     assert chaos["null_class"] is True and brats["null_class"] is False
 
 
