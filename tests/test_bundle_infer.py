@@ -180,9 +180,11 @@ def test_inference_on_a_folder_writes_map_and_mask_in_input_space(env, tmp_path)
 
 
 def test_inference_is_reproducible_with_its_seed(env, tmp_path):
-    a = run_bundle(env, "inference.json", image=env["items"][0]["image"], output_dir=str(tmp_path / "a"))
-    b = run_bundle(env, "inference.json", image=env["items"][0]["image"], output_dir=str(tmp_path / "b"))
-    c = run_bundle(env, "inference.json", image=env["items"][0]["image"], output_dir=str(tmp_path / "c"), seed=5)
+    # a diffusion method: its maps depend on the noise seed (the default segmenter has no noise)
+    run = {"image": env["items"][0]["image"], "method": "cg_cdm"}
+    a = run_bundle(env, "inference.json", output_dir=str(tmp_path / "a"), **run)
+    b = run_bundle(env, "inference.json", output_dir=str(tmp_path / "b"), **run)
+    c = run_bundle(env, "inference.json", output_dir=str(tmp_path / "c"), seed=5, **run)
     maps = [np.asarray(nib.load(r["rows"][0]["map"]).dataobj) for r in (a, b, c)]
     np.testing.assert_array_equal(maps[0], maps[1])
     assert not np.array_equal(maps[0], maps[2])
@@ -221,7 +223,7 @@ def test_evaluate_writes_csv_markdown_summary_and_overlays(env, tmp_path, method
 
 
 def test_average_otsu_uses_one_threshold_for_all_volumes(env, tmp_path):
-    result = run_bundle(env, "evaluate.json", dataset_dir=str(env["brats"]), output_dir=str(tmp_path), threshold="average_otsu", num_overlays=0)
+    result = run_bundle(env, "evaluate.json", dataset_dir=str(env["brats"]), output_dir=str(tmp_path), threshold="average_otsu", num_overlays=0, method="cg_cdm")
     assert isinstance(result["threshold"], float) and 0.0 < result["threshold"] < 1.0
     for row in result["rows"]:
         heat = np.asarray(nib.load(row["map"]).dataobj)
@@ -295,10 +297,12 @@ def test_datalist_split_of_a_training_run(env, tmp_path):
         ({"dataset_dir": "/nonexistent/brats"}, FileNotFoundError, "/nonexistent/brats"),
         ({"image": "/nonexistent/case.nii.gz"}, FileNotFoundError, "/nonexistent/case.nii.gz"),
         ({"method": "gradcam"}, ValueError, "unknown method 'gradcam'"),
-        ({"model_path": "/nonexistent/model.pt"}, FileNotFoundError, "/nonexistent/model.pt"),
+        ({"model_path": "/nonexistent/model.pt", "method": "cdm"}, FileNotFoundError, "/nonexistent/model.pt"),
         ({"method": "cg_cdm", "classifier_path": "/nonexistent/clf.pt"}, FileNotFoundError, "/nonexistent/clf.pt"),
         ({"threshold": "median"}, ValueError, "threshold"),
-        ({"network_def#channels": [8, 32]}, ValueError, "does not fit"),
+        ({"network_def#channels": [8, 32], "method": "cdm"}, ValueError, "does not fit"),
+        ({"segmenter_path": "/nonexistent/segmenter.pt"}, FileNotFoundError, "/nonexistent/segmenter.pt"),
+        ({"segmenter_def#channels": [8, 16, 32, 64]}, ValueError, "does not fit"),
     ],
 )
 def test_bad_inputs_give_clear_errors(env, tmp_path, overrides, error, words):

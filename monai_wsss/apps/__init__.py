@@ -10,6 +10,7 @@ from monai_wsss.apps.methods import (
     SEGMENTER_METHODS,
     build_method_inferer,
     default_map_mode,
+    default_min_component_size,
     default_normalize_per,
     default_threshold,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "VolumeSegmentationPipeline",
     "build_method_inferer",
     "default_map_mode",
+    "default_min_component_size",
     "default_normalize_per",
     "default_threshold",
     "format_summary_table",

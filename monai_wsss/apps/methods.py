@@ -21,6 +21,7 @@ __all__ = [
     "SEGMENTER_METHODS",
     "build_method_inferer",
     "default_map_mode",
+    "default_min_component_size",
     "default_normalize_per",
     "default_threshold",
 ]
@@ -108,6 +109,24 @@ def default_threshold(method: str, task: str = "brats") -> str | float:
     if method == "volume_threshold":
         return _VOLUME_THRESHOLD
     return "average_otsu" if task == "brats" else "otsu"
+
+
+def default_min_component_size(method: str, task: str = "brats") -> int:
+    """
+    The bundles' default 3D component filter of a method (the pipeline's ``min_component_size``, in voxels): 1000
+    for the segmenter (chosen on the validation split of both tasks: volume Dice +0.004 on BraTS, +0.013 on
+    CHAOS), 0 (off) for the other methods, whose defaults were chosen without it.
+
+    Raises:
+        ValueError: unknown method.
+
+    Example::
+
+        >>> default_min_component_size("segmenter"), default_min_component_size("cg_cdm")
+        (1000, 0)
+    """
+    _check_method(method)
+    return 1000 if method in SEGMENTER_METHODS else 0
 
 
 def default_normalize_per(method: str, task: str = "brats") -> str:
