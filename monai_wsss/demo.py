@@ -32,7 +32,32 @@ import torch
 
 from monai_wsss.apps.reports import format_summary_table
 
-__all__ = ["DEMO_SETTINGS", "QUICK_SETTINGS", "find_bundle", "log_one_line_per_epoch", "run_bundle_config", "run_demo", "main"]
+__all__ = [
+    "DEMO_SETTINGS",
+    "QUICK_SETTINGS",
+    "RESULT_COLUMNS",
+    "README_MARKERS",
+    "compare_with_readme",
+    "find_bundle",
+    "log_one_line_per_epoch",
+    "read_readme_table",
+    "result_table",
+    "run_bundle_config",
+    "run_demo",
+    "main",
+]
+
+#: the columns of the demo's reproducible table (summary key, header): scores and counts, no wall times
+RESULT_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("num_cases", "cases"),
+    ("num_positive_slices", "positive slices"),
+    ("slice_dice", "slice Dice"),
+    ("slice_iou", "slice IoU"),
+    ("volume_dice", "volume Dice"),
+    ("pixel_auroc", "pixel AUROC"),
+)
+#: the README's demo table sits between these two lines (written from a demo's summary.json, checked by the tests)
+README_MARKERS = ("<!-- demo-table: start -->", "<!-- demo-table: end -->")
 
 logger = logging.getLogger("monai_wsss.demo")
 
@@ -52,10 +77,16 @@ DEMO_SETTINGS: dict[str, Any] = {
     "num_steps": 5,
     "tau": 0.05,
     "guidance_scale": 10.0,
-    "cgdiff_level": 50,
+    "guided_num_steps": 10,  # the bundles' CG-CDM R
+    # CG-Diff runs L encoding + L guided decoding steps per slice: at L = 50 it took 43 % of the demo's CPU time
+    # (140 of 324 s), so the demo encodes to L = 25 (the bundles: 400) and says so in its output
+    "cgdiff_level": 25,
     "cgdiff_guidance": 100.0,
     "test_fraction": 0.25,
     "val_fraction": 0.1,
+    # slices per inferer call: 32 slices of 32 x 32 (64 network inputs in CDM) is the size of the bundles'
+    # 8 slices of 64 x 64, the fastest per slice on 2 CPU cores
+    "sw_batch_size": 32,
 }
 
 #: a seconds-long run of every step (for tests): tiny data, one short epoch, few diffusion steps
@@ -69,6 +100,7 @@ QUICK_SETTINGS: dict[str, Any] = {
     "batch_size": 8,
     "noise_level": 20,
     "num_steps": 2,
+    "guided_num_steps": 2,
     "cgdiff_level": 4,
     "test_fraction": 0.2,
     "val_fraction": 0.2,
@@ -150,6 +182,72 @@ def run_bundle_config(config_file: str | os.PathLike, workflow_type: str = "infe
     return result
 
 
+def _cell(value: Any) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    return str(value) if isinstance(value, int) else f"{float(value):.3f}"
+
+
+def result_table(summaries: Mapping[str, Mapping[str, Any]]) -> str:
+    """
+    The demo's reproducible table: one row per method with :py:data:`RESULT_COLUMNS` to three decimals (what
+    the README shows; wall times are left out, they are not reproducible).
+
+    Args:
+        summaries: method name -> summary (as in the demo's ``summary.json``).
+
+    Returns:
+        a markdown table.
+
+    Example::
+
+        print(result_table(json.load(open("outputs/demo/summary.json"))["summaries"]))
+    """
+    lines = ["| method | " + " | ".join(h for _, h in RESULT_COLUMNS) + " |", "|---" * (len(RESULT_COLUMNS) + 1) + "|"]
+    for name, summary in summaries.items():
+        lines.append(f"| {name} | " + " | ".join(_cell(summary.get(k)) for k, _ in RESULT_COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def read_readme_table(readme: str | os.PathLike) -> str:
+    """
+    The demo table of a README: the lines between :py:data:`README_MARKERS`.
+
+    Raises:
+        ValueError: the markers are missing.
+    """
+    text = Path(readme).read_text()
+    start, end = README_MARKERS
+    if start not in text or end not in text:
+        raise ValueError(f"{readme} has no demo table between {start!r} and {end!r}.")
+    return text.split(start, 1)[1].split(end, 1)[0].strip()
+
+
+def compare_with_readme(summaries: Mapping[str, Mapping[str, Any]], readme: str | os.PathLike) -> list[str]:
+    """
+    The rows where a demo's table differs from the README's (empty: they agree to the third decimal).
+
+    Args:
+        summaries: method name -> summary (a demo's ``summary.json`` ``"summaries"``).
+        readme: the README holding the demo table.
+
+    Returns:
+        human-readable differences, ``"README: <row>"`` / ``"demo:   <row>"`` pairs.
+
+    Raises:
+        ValueError: the README has no demo table.
+    """
+    ours = result_table(summaries).splitlines()
+    theirs = read_readme_table(readme).splitlines()
+    diffs: list[str] = []
+    for i in range(max(len(ours), len(theirs))):
+        a = theirs[i] if i < len(theirs) else "(no row)"
+        b = ours[i] if i < len(ours) else "(no row)"
+        if a.strip() != b.strip():
+            diffs += [f"README: {a}", f"demo:   {b}"]
+    return diffs
+
+
 def _training_overrides(out: Path, data_dir: Path, settings: Mapping[str, Any], epochs: int, name: str) -> dict:
     size = int(settings["spatial_size"])
     return {
@@ -197,6 +295,10 @@ def run_demo(
     from monai_wsss.apps.methods import METHODS
     from monai_wsss.data import make_synthetic_dataset
 
+    from monai_wsss.inferers import reuse_freed_memory
+
+    # training and inference both allocate the same large activations on every iteration: keep them in the heap
+    reuse_freed_memory()
     cfg = {**DEMO_SETTINGS, **(settings or {})}
     unknown = [m for m in cfg["methods"] if m not in METHODS or m == "threshold"]
     if unknown:
@@ -249,9 +351,10 @@ def run_demo(
         "num_steps": int(cfg["num_steps"]),
         "tau": float(cfg["tau"]),
         "guidance_scale": float(cfg["guidance_scale"]),
+        "guided_num_steps": int(cfg["guided_num_steps"]),
         "cgdiff_level": int(cfg["cgdiff_level"]),
         "cgdiff_guidance": float(cfg["cgdiff_guidance"]),
-        "sw_batch_size": 64,
+        "sw_batch_size": int(cfg["sw_batch_size"]),
         "seed": seed,
         "num_overlays": num_overlays,
         "progress": False,
@@ -275,26 +378,39 @@ def run_demo(
         logger.info(f"{name}: slice Dice {summaries[name]['slice_dice']:.3f} ({seconds[name]:.0f} s)")
     seconds["total"] = time.perf_counter() - start_all
 
-    table = format_summary_table(summaries)
+    table = result_table(summaries)
     notes = [
         f"{len(items)} synthetic volumes {tuple(cfg['shape'])}, model space {size} x {size}; "
         f"test cases: the test split of {datalist}",
         f"diffusion model: {cfg['diffusion_epochs']} epochs, classifier: {cfg['classifier_epochs']} epochs "
         f"(bundle configs {configs})",
-        f"CDM: Q={cfg['noise_level']}, R={cfg['num_steps']}, tau={cfg['tau']}; CG-CDM: s={cfg['guidance_scale']}; "
+        f"CDM: Q={cfg['noise_level']}, R={cfg['num_steps']}, tau={cfg['tau']}; "
+        f"CG-CDM: R={cfg['guided_num_steps']}, s={cfg['guidance_scale']}; "
         f"CG-Diff: L={cfg['cgdiff_level']}, s={cfg['cgdiff_guidance']}; threshold: 0.7 x the 99th percentile of each slice; "
         "whole brain: every brain pixel (chance level)",
-        "masks: signed (CDM) / absolute (CG-Diff) map normalised per slice inside the brain, Otsu per slice",
+        "masks: the BraTS evaluate.json defaults: signed (CDM) / absolute (CG-Diff) map normalised per volume "
+        "inside the brain, one average Otsu threshold over the test volumes",
+        f"seed {seed}, {torch.get_num_threads()} torch thread(s): the scores repeat exactly with the same seed and "
+        "thread count (CPU float sums depend on how the work is split between threads)",
         "wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()),
     ]
-    (out / "summary.md").write_text("# monai_wsss demo\n\n" + table + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n")
+    (out / "summary.md").write_text(
+        "# monai_wsss demo\n\n" + table + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n\n## All scores and times\n\n"
+        + format_summary_table(summaries) + "\n"
+    )
 
     def clean(x: Any) -> Any:
         return None if isinstance(x, float) and not math.isfinite(x) else x
 
     with open(out / "summary.json", "w") as f:
         json.dump(
-            {"summaries": {k: {kk: clean(vv) for kk, vv in v.items()} for k, v in summaries.items()}, "seconds": seconds},
+            {
+                "summaries": {k: {kk: clean(vv) for kk, vv in v.items()} for k, v in summaries.items()},
+                "seconds": seconds,
+                "seed": seed,
+                "threads": torch.get_num_threads(),
+                "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
+            },
             f,
             indent=2,
         )
@@ -304,6 +420,13 @@ def run_demo(
         "table": table,
         "files": {"summary_md": str(out / "summary.md"), "summary_json": str(out / "summary.json")},
     }
+
+
+def _bundle_cgdiff_level() -> Any:
+    try:
+        return json.loads((find_bundle() / "configs" / "evaluate.json").read_text()).get("cgdiff_level", "?")
+    except (FileNotFoundError, ValueError):
+        return "?"
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -318,7 +441,19 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--diffusion_epochs", type=int, default=None, help="override the diffusion training epochs")
     parser.add_argument("--classifier_epochs", type=int, default=None, help="override the classifier training epochs")
     parser.add_argument("--methods", nargs="+", default=None, help="methods to run (default: cdm cg_cdm cg_diff)")
+    parser.add_argument(
+        "--check_readme", metavar="SUMMARY_JSON", default=None,
+        help="only compare a finished demo's summary.json with the README's demo table (exit 1 if they differ)",
+    )
     args = parser.parse_args(argv)
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    if args.check_readme:
+        summaries = json.loads(Path(args.check_readme).read_text())["summaries"]
+        diffs = compare_with_readme(summaries, readme)
+        print("\n".join(diffs) if diffs else f"{args.check_readme} matches the demo table of {readme}")
+        if diffs:
+            raise SystemExit(1)
+        return {"summaries": summaries, "differences": diffs}
     logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(name)s - %(message)s", stream=sys.stdout)
     log_one_line_per_epoch()
     if args.threads > 0:
@@ -329,7 +464,19 @@ def main(argv: Sequence[str] | None = None) -> dict:
             settings[key] = getattr(args, key)
     result = run_demo(args.out_dir, settings, seed=args.seed)
     print("\n" + result["table"])
+    if "cg_diff" in settings["methods"]:
+        print(f"(CG-Diff at L = {settings['cgdiff_level']} encoding steps, shortened from the bundles' "
+              f"{_bundle_cgdiff_level()} so that the demo finishes in minutes.)")
     print(f"\nwall time {result['seconds']['total']:.0f} s; results in {args.out_dir} (summary.md, <method>/overlays/*.png)")
+    # the README shows the default run (seed 0, one thread): say whether this run reproduced it
+    if not args.quick and readme.is_file() and settings == DEMO_SETTINGS and args.seed == 0:
+        diffs = compare_with_readme(result["summaries"], readme)
+        if not diffs:
+            print("The table matches the README's demo table to the third decimal.")
+        else:
+            print(f"The table differs from the README's ({torch.get_num_threads()} thread(s) here; the README's was "
+                  "measured with one):\n" + "\n".join(diffs))
+        result["readme_differences"] = diffs
     return result
 
 

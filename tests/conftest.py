@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from monai.networks.schedulers import DDIMScheduler
 
+from monai_wsss.inferers import reuse_freed_memory
 from monai_wsss.networks.nets import ConditionalDiffusionUNet, NoisyClassifier
+
+# every training and inference step re-allocates the same activations: keep freed memory in the heap instead of
+# page-faulting it in again (see reuse_freed_memory), in this process and in the bundle runs and notebook kernels
+# the tests start (glibc reads these variables at start-up)
+reuse_freed_memory()
+os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 30))
+os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", str(1 << 30))
 
 TINY_UNET = dict(
     spatial_dims=2,

@@ -12,10 +12,22 @@ import pytest
 from monai_wsss import demo
 
 
-def test_quick_demo_runs_every_step_through_the_bundle(tmp_path, capsys):
-    result = demo.main(["--out_dir", str(tmp_path), "--quick"])
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """One in-process ``--quick`` demo, shared: its output is checked here and compared with a second run below."""
+    from contextlib import redirect_stdout
+    from io import StringIO
+
+    out_dir = tmp_path_factory.mktemp("demo")
+    printed = StringIO()
+    with redirect_stdout(printed):
+        result = demo.main(["--out_dir", str(out_dir), "--quick"])
+    return out_dir, result, printed.getvalue()
+
+
+def test_quick_demo_runs_every_step_through_the_bundle(quick_run):
+    tmp_path, result, printed = quick_run
     assert list(result["summaries"]) == ["cdm", "cg_cdm", "cg_diff", "threshold", "whole brain"]
-    printed = capsys.readouterr().out
     for name in result["summaries"]:
         assert f"| {name} |" in printed
         summary = result["summaries"][name]
@@ -40,7 +52,7 @@ def test_demo_rejects_unknown_methods(tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_command_prints_one_training_line_per_epoch(tmp_path):
+def test_demo_command_prints_one_training_line_per_epoch_and_repeats_its_scores(tmp_path, quick_run):
     import os
     import subprocess
     import sys
@@ -56,3 +68,33 @@ def test_demo_command_prints_one_training_line_per_epoch(tmp_path):
     for line in lines:
         done, total = re.search(r"Iter: (\d+)/(\d+)", line).groups()
         assert done == total, line
+    # seeded data, training and noise: a second run in another process prints the same table (one thread each)
+    first = json.loads((quick_run[0] / "summary.json").read_text())
+    second = json.loads((tmp_path / "summary.json").read_text())
+    assert first["threads"] == second["threads"] == 1
+    assert demo.result_table(second["summaries"]) == demo.result_table(first["summaries"])
+
+    def scores(saved: dict) -> dict:  # everything but wall times
+        return {m: {k: v for k, v in s.items() if "seconds" not in k} for m, s in saved["summaries"].items()}
+
+    assert scores(second) == scores(first), "the scores differ beyond the third decimal"
+
+
+def test_readme_check_flags_any_score_that_moved(tmp_path):
+    summaries = {
+        "cdm": {"num_cases": 4, "num_positive_slices": 35, "slice_dice": 0.4381, "slice_iou": 0.3, "volume_dice": 0.5, "pixel_auroc": 0.9},
+        "whole brain": {"num_cases": 4, "num_positive_slices": 35, "slice_dice": 0.119, "slice_iou": 0.07, "volume_dice": 0.1, "pixel_auroc": None},
+    }
+    start, end = demo.README_MARKERS
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{start}\n{demo.result_table(summaries)}\n{end}\n")
+    assert demo.compare_with_readme(summaries, readme) == []
+    assert "| whole brain | 4 | 35 | 0.119 | 0.070 | 0.100 | n/a |" in demo.read_readme_table(readme)
+    moved = {**summaries, "cdm": {**summaries["cdm"], "slice_dice": 0.4386}}  # 0.438 -> 0.439
+    diffs = demo.compare_with_readme(moved, readme)
+    assert diffs == ["README: | cdm | 4 | 35 | 0.438 | 0.300 | 0.500 | 0.900 |", "demo:   | cdm | 4 | 35 | 0.439 | 0.300 | 0.500 | 0.900 |"]
+    assert demo.compare_with_readme({"cdm": summaries["cdm"]}, readme)  # a missing row is a difference too
+    plain = tmp_path / "plain.md"
+    plain.write_text("# no table\n")
+    with pytest.raises(ValueError, match="no demo table"):
+        demo.compare_with_readme(summaries, plain)

@@ -16,7 +16,9 @@ def test_ensemble_is_the_mean_of_independent_draws(scheduler, images):
     # the same draws, made explicit: noise for the 3 stacked copies from one generator
     noise = torch.randn((3 * images.shape[0],) + images.shape[1:], generator=torch.Generator().manual_seed(0))
     maps = torch.stack([cdm(images, net, noise=n) for n in noise.reshape(3, *images.shape)])
-    torch.testing.assert_close(mean, maps.mean(0), rtol=1e-4, atol=1e-5)
+    # batch 9 vs batch 3 network calls round differently; the map divides trajectory differences by 1 - tau = 0.05,
+    # so float32 rounding reaches ~1e-5 (1.07e-5 with one thread)
+    torch.testing.assert_close(mean, maps.mean(0), rtol=1e-4, atol=3e-5)
     torch.testing.assert_close(var, maps.var(0), rtol=1e-3, atol=1e-6)
     assert var.max() > 0 and mean.shape == images.shape
 
