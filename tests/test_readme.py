@@ -1,9 +1,13 @@
-"""The README's quick-start example must run as written."""
+"""The README's quick-start example must run as written, and its demo table must be the recorded demo run's."""
 
+import json
 import pathlib
 import re
 
-README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+#: summary.json of the demo run the README shows (``python -m monai_wsss.demo``, copied from outputs/demo)
+DEMO_SUMMARY = ROOT / "bundles" / "brats_cdm" / "docs" / "results" / "demo_summary.json"
 
 
 def test_readme_quick_start_runs():
@@ -14,3 +18,17 @@ def test_readme_quick_start_runs():
     x = scope["x"]
     for name in ("a", "a_guided", "amap"):
         assert scope[name].shape == x.shape, name
+
+
+def test_readme_demo_table_is_the_recorded_demo_run():
+    """
+    Change the demo (settings, methods) and this fails until the demo is re-run and both the README table and
+    the recorded summary are replaced: ``make demo``, ``cp outputs/demo/summary.json`` to ``DEMO_SUMMARY``, then
+    paste ``python -m monai_wsss.demo --check_readme outputs/demo/summary.json``'s rows into the README.
+    """
+    from monai_wsss.demo import DEMO_SETTINGS, compare_with_readme
+
+    recorded = json.loads(DEMO_SUMMARY.read_text())
+    assert recorded["seed"] == 0 and recorded["threads"] == 1, "the README shows the default run: seed 0, one thread"
+    assert recorded["settings"] == json.loads(json.dumps(DEMO_SETTINGS)), "the demo's settings changed since its recorded run"
+    assert compare_with_readme(recorded["summaries"], README) == []

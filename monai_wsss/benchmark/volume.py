@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -242,7 +243,8 @@ def volume_markdown(result: dict) -> str:
                 f"| {r['method']} | {r['threads']} | | ~{r['estimated_map_seconds']:.0f} (estimate, not run) | | | | |"
             )
     for method, why in result["skipped"].items():
-        lines.append(f"| {method} | | skipped: {why} | | | | | |")
+        short = re.sub(r" \([^)]*\)", "", why).split(". ")[0]  # without asides; volume.json keeps the whole message
+        lines.append(f"| {method} | | skipped: {short[:120]} | | | | | |")
     return "\n".join(lines)
 
 
