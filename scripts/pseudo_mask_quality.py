@@ -3,9 +3,10 @@
 Score candidate pseudo-mask sources on a validation split: the per-volume intensity threshold at several factors
 (``PseudoMaskGenerator`` with ``volume_threshold``, holes filled, negative slices empty), against the pixel masks.
 Volume Dice and Dice per positive slice. This chooses ``pseudo_threshold`` of ``train_segmentation.json``.
+With ``--diffusion_bundle`` the bundle's CG-CDM (its inference defaults, per-slice Otsu) is scored as a source too.
 
     python scripts/pseudo_mask_quality.py --task brats --datalist /tmp/seg_brats/outputs/train_segmentation/datalist.json \
-        --factors 0.5 0.55 0.6 0.65 0.7 0.75
+        --factors 0.5 0.55 0.6 0.65 0.7 0.75 [--diffusion_bundle bundles/brats_cdm]
 """
 
 from __future__ import annotations
@@ -15,7 +16,16 @@ import argparse
 import numpy as np
 import torch
 
-from monai_wsss.apps import PseudoMaskGenerator, VolumeSegmentationPipeline, build_method_inferer, list_volumes
+from monai.bundle import ConfigParser
+
+from monai_wsss.apps import (
+    PseudoMaskGenerator,
+    VolumeSegmentationPipeline,
+    build_method_inferer,
+    default_map_mode,
+    list_volumes,
+    load_weights,
+)
 
 
 def _dice(pred: np.ndarray, gt: np.ndarray) -> float:
@@ -29,16 +39,31 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--datalist", required=True)
     p.add_argument("--split", default="validation")
     p.add_argument("--factors", type=float, nargs="+", default=[0.5, 0.6, 0.7, 0.8, 0.9])
+    p.add_argument("--diffusion_bundle", default=None, help="also score this bundle's cg_cdm as a source")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     items = list_volumes(args.datalist, task=args.task, split=args.split, require_seg=True)
-    print(f"| factor | volume Dice | positive-slice Dice |  ({len(items)} {args.split} volumes of {args.task})")
+    print(f"| source (threshold factor) | volume Dice | positive-slice Dice |  ({len(items)} {args.split} volumes of {args.task})")
     print("|---|---|---|")
+    sources: dict = {
+        factor: VolumeSegmentationPipeline(None, build_method_inferer("volume_threshold"), task=args.task,
+                                           map_mode=None, threshold=factor)
+        for factor in args.factors
+    }
+    if args.diffusion_bundle:
+        cfg = ConfigParser()
+        cfg.read_config(f"{args.diffusion_bundle}/configs/evaluate.json")
+        net = load_weights(cfg.get_parsed_content("network_def"), f"{args.diffusion_bundle}/models/model.pt", "cpu")
+        clf = load_weights(cfg.get_parsed_content("classifier_def"), f"{args.diffusion_bundle}/models/classifier.pt", "cpu")
+        keys = ("noise_level", "num_steps", "tau", "guidance_scale", "guided_num_steps")
+        inferer = build_method_inferer("cg_cdm", cfg.get_parsed_content("scheduler"), net, clf,
+                                       **{k: cfg.get(k) for k in keys})
+        sources["cg_cdm"] = VolumeSegmentationPipeline(net, inferer, task=args.task, roi_size=tuple(cfg.get("spatial_size")),
+                                                       map_mode=default_map_mode("cg_cdm", args.task), threshold="otsu",
+                                                       sw_batch_size=8)
     out = {}
-    for factor in args.factors:
-        source = VolumeSegmentationPipeline(None, build_method_inferer("volume_threshold"), task=args.task,
-                                            map_mode=None, threshold=factor)
-        gen = PseudoMaskGenerator(source, fill_holes=True, source_name=f"volume_threshold at {factor}")
+    for factor, source in sources.items():
+        gen = PseudoMaskGenerator(source, fill_holes=True, source_name=f"{factor}")
         vol, per_slice = [], []
         for item in items:
             data = gen(item)
