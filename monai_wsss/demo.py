@@ -5,9 +5,10 @@ End-to-end demo on embedded synthetic data, through the BraTS bundle's own confi
     python -m monai_wsss.demo --out_dir outputs/demo
 
 1. writes synthetic FLAIR-like volumes with bright lesions (:py:func:`monai_wsss.data.make_synthetic_dataset`);
-2. trains the class-conditional diffusion U-Net (``configs/train_diffusion.json``) and the noisy classifier
-   (``configs/train_classifier.json``) briefly, with command-line-style overrides (dataset, size, epochs);
-3. runs CDM, CG-CDM and CG-Diff with ``configs/evaluate.json`` on the held-out test volumes of the training
+2. trains the class-conditional diffusion U-Net (``configs/train_diffusion.json``), the noisy classifier
+   (``configs/train_classifier.json``) and the second-stage segmentation network on pseudo-masks
+   (``configs/train_segmentation.json``) briefly, with command-line-style overrides (dataset, size, epochs);
+3. runs the segmenter, CDM, CG-CDM and CG-Diff with ``configs/evaluate.json`` on the held-out test volumes of the training
    split, plus the intensity-threshold baseline, and prints one table; every method writes NIfTI maps and
    masks in the input space, per-case CSV, a markdown summary and overlay PNGs into ``out_dir/<method>/``.
 
@@ -30,6 +31,7 @@ from typing import Any
 
 import torch
 
+from monai_wsss.apps.methods import default_threshold
 from monai_wsss.apps.reports import format_summary_table
 
 __all__ = [
@@ -69,7 +71,12 @@ DEMO_SETTINGS: dict[str, Any] = {
     "diffusion_epochs": 20,
     "classifier_epochs": 6,
     "batch_size": 16,
-    "methods": ("cdm", "cg_cdm", "cg_diff"),
+    "methods": ("segmenter", "cdm", "cg_cdm", "cg_diff"),
+    # the second stage (train_segmentation.json): pseudo-masks from the per-volume intensity threshold at the
+    # bundle's factor on slices labelled "lesion", empty masks on the others, a MONAI UNet trained on them
+    "segmenter_epochs": 10,
+    # the bundles drop 3D components below 1000 voxels (BraTS scale); the demo's 64 x 64 x 40 lesions are smaller
+    "min_component_size": 50,
     # chosen on separate synthetic cases (seed 7) with a model trained like this one: after a few hundred
     # iterations the class conditioning is weak, and a low noise level with a large condition step (tau -> 0,
     # i.e. target vs. almost-healthy embedding) gives clean maps; tau = 0.95 gave slice Dice ~0.17, tau = 0.05 ~0.39
@@ -97,6 +104,7 @@ QUICK_SETTINGS: dict[str, Any] = {
     "spatial_size": 16,
     "diffusion_epochs": 1,
     "classifier_epochs": 1,
+    "segmenter_epochs": 1,
     "batch_size": 8,
     "noise_level": 20,
     "num_steps": 2,
@@ -338,6 +346,21 @@ def run_demo(
         )
         seconds["train_classifier"] = time.perf_counter() - start
 
+    if "segmenter" in cfg["methods"]:
+        start = time.perf_counter()
+        logger.info(f"training the segmentation network ({cfg['segmenter_epochs']} epochs) on pseudo-masks with "
+                    f"{configs / 'train_segmentation.json'}")
+        size = int(cfg["spatial_size"])
+        run_bundle_config(
+            configs / "train_segmentation.json",
+            "train",
+            seed=seed,
+            segmenter_spatial_size=[size, size],
+            pseudo_dir=str(out / "pseudo_masks"),
+            **_training_overrides(out, data_dir, cfg, cfg["segmenter_epochs"], "train_segmentation"),
+        )
+        seconds["train_segmentation"] = time.perf_counter() - start
+
     size = int(cfg["spatial_size"])
     datalist = out / "train_diffusion" / "datalist.json"  # the training split: evaluate on its unseen test cases
     common = {
@@ -346,7 +369,9 @@ def run_demo(
         "datalist_split": "test",
         "model_path": str(out / "models" / "model_final.pt"),
         "classifier_path": str(out / "models" / "classifier_final.pt"),
+        "segmenter_path": str(out / "models" / "segmenter_final.pt"),
         "spatial_size": [size, size],
+        "segmenter_spatial_size": [size, size],
         "noise_level": int(cfg["noise_level"]),
         "num_steps": int(cfg["num_steps"]),
         "tau": float(cfg["tau"]),
@@ -360,7 +385,10 @@ def run_demo(
         "progress": False,
         "overwrite": True,  # the demo retrains its networks: results of an earlier demo in out_dir are replaced
     }
-    runs: list[tuple[str, dict]] = [(m, {"method": m}) for m in cfg["methods"]]
+    runs: list[tuple[str, dict]] = [
+        (m, {"method": m, "min_component_size": int(cfg["min_component_size"])} if m == "segmenter" else {"method": m})
+        for m in cfg["methods"]
+    ]
     # the honest baseline: FLAIR lesions are bright, a fixed threshold on the intensity already finds them
     runs.append(("threshold", {"method": "threshold", "map_mode": None, "threshold": 0.7}))
     # the chance level: the whole brain as the mask (every body pixel of the intensity map is > 0)
@@ -382,14 +410,17 @@ def run_demo(
     notes = [
         f"{len(items)} synthetic volumes {tuple(cfg['shape'])}, model space {size} x {size}; "
         f"test cases: the test split of {datalist}",
-        f"diffusion model: {cfg['diffusion_epochs']} epochs, classifier: {cfg['classifier_epochs']} epochs "
-        f"(bundle configs {configs})",
+        f"diffusion model: {cfg['diffusion_epochs']} epochs, classifier: {cfg['classifier_epochs']} epochs"
+        + (f", segmentation network: {cfg['segmenter_epochs']} epochs on pseudo-masks (per-volume threshold on "
+           "slices labelled lesion, empty masks on the others)" if "segmenter" in cfg["methods"] else "")
+        + f" (bundle configs {configs})",
         f"CDM: Q={cfg['noise_level']}, R={cfg['num_steps']}, tau={cfg['tau']}; "
         f"CG-CDM: R={cfg['guided_num_steps']}, s={cfg['guidance_scale']}; "
         f"CG-Diff: L={cfg['cgdiff_level']}, s={cfg['cgdiff_guidance']}; threshold: 0.7 x the 99th percentile of each slice; "
         "whole brain: every brain pixel (chance level)",
         "masks: the BraTS evaluate.json defaults: signed (CDM) / absolute (CG-Diff) map normalised per volume "
-        "inside the brain, one average Otsu threshold over the test volumes",
+        "inside the brain, one average Otsu threshold over the test volumes; segmenter: probability > "
+        f"{default_threshold('segmenter')}, 3D components below {cfg['min_component_size']} voxels dropped",
         f"seed {seed}, {torch.get_num_threads()} torch thread(s): the scores repeat exactly with the same seed and "
         "thread count (CPU float sums depend on how the work is split between threads)",
         "wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()),
@@ -440,7 +471,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0, help="seed of data, training and noise")
     parser.add_argument("--diffusion_epochs", type=int, default=None, help="override the diffusion training epochs")
     parser.add_argument("--classifier_epochs", type=int, default=None, help="override the classifier training epochs")
-    parser.add_argument("--methods", nargs="+", default=None, help="methods to run (default: cdm cg_cdm cg_diff)")
+    parser.add_argument("--methods", nargs="+", default=None, help="methods to run (default: segmenter cdm cg_cdm cg_diff)")
     parser.add_argument(
         "--check_readme", metavar="SUMMARY_JSON", default=None,
         help="only compare a finished demo's summary.json with the README's demo table (exit 1 if they differ)",

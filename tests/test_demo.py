@@ -27,14 +27,16 @@ def quick_run(tmp_path_factory):
 
 def test_quick_demo_runs_every_step_through_the_bundle(quick_run):
     tmp_path, result, printed = quick_run
-    assert list(result["summaries"]) == ["cdm", "cg_cdm", "cg_diff", "threshold", "whole brain"]
+    assert list(result["summaries"]) == ["segmenter", "cdm", "cg_cdm", "cg_diff", "threshold", "whole brain"]
     for name in result["summaries"]:
         assert f"| {name} |" in printed
         summary = result["summaries"][name]
         assert summary["num_positive_slices"] > 0 and 0.0 <= summary["slice_dice"] <= 1.0
         assert name == "whole brain" or list((tmp_path / name / "overlays").glob("*.png"))
-    # the diffusion model and the classifier were trained by the bundle's own configs
-    assert (tmp_path / "models" / "model_final.pt").is_file() and (tmp_path / "models" / "classifier_final.pt").is_file()
+    # the diffusion model, the classifier and the segmentation network were trained by the bundle's own configs
+    for name in ("model_final.pt", "classifier_final.pt", "segmenter_final.pt"):
+        assert (tmp_path / "models" / name).is_file(), name
+    assert list((tmp_path / "pseudo_masks").rglob("*_pseudo.nii.gz"))
     test_cases = json.loads((tmp_path / "train_diffusion" / "datalist.json").read_text())["test"]
     for item in test_cases:
         stem = item["image"].rsplit("/", 1)[1][: -len(".nii.gz")]
