@@ -4,13 +4,13 @@
 from __future__ import annotations
 
 import os
-import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
+from monai_wsss.bundle.options import config_files_from_argv
 from monai_wsss.data import build_brats_datalist, build_chaos_datalist, load_datalist
 
 __all__ = ["VOLUME_TASKS", "list_volumes", "locate_bundle_root", "load_weights"]
@@ -142,22 +142,8 @@ def list_volumes(
 
 def _config_file_from_argv(argv: Sequence[str]) -> Path | None:
     """The first ``--config_file`` path of a ``python -m monai.bundle run`` command line (lists allowed)."""
-    for i, arg in enumerate(argv):
-        value = None
-        if arg == "--config_file" and i + 1 < len(argv):
-            value = argv[i + 1]
-        elif arg.startswith("--config_file="):
-            value = arg.split("=", 1)[1]
-        if value is None:
-            continue
-        # a list is passed as "['a.json','b.json']"
-        first = value.strip().strip("[]").split(",")[0].strip().strip("'\"")
-        try:
-            first = shlex.split(first)[0] if first else first
-        except ValueError:
-            pass
-        return Path(first) if first else None
-    return None
+    files = config_files_from_argv(argv)
+    return files[0] if files else None
 
 
 def locate_bundle_root(name: str, argv: Sequence[str] | None = None) -> str:

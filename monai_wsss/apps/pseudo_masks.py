@@ -24,6 +24,7 @@ from monai.transforms import FillHoles
 from monai.utils import convert_to_tensor, optional_import
 
 from monai_wsss.apps.pipeline import VolumeSegmentationPipeline
+from monai_wsss.transforms.io import atomic_write
 from monai_wsss.transforms.weak_label import WeakSliceLabel
 
 tqdm, has_tqdm = optional_import("tqdm", name="tqdm")
@@ -36,18 +37,13 @@ logger = logging.getLogger(__name__)
 _PSEUDO_VERSION = "1"
 
 
-def _write_nifti_atomic(array: torch.Tensor, meta: Mapping, path: Path) -> None:
-    """Write a (1, H, W, D) uint8 mask with ``meta``'s affine under a temporary name, then rename into place."""
-    tmp = path.with_name(f".{path.name[: -len('.nii.gz')]}.tmp{os.getpid()}.nii.gz")
+def _write_mask(array: torch.Tensor, meta: Mapping, path: Path) -> None:
+    """Write a (1, H, W, D) uint8 mask with ``meta``'s affine, atomically (a killed run leaves no truncated file)."""
     writer = NibabelWriter(output_dtype=np.uint8)
     writer.set_data_array(convert_to_tensor(array, track_meta=False).to(torch.uint8), channel_dim=0)
     writer.set_metadata(dict(meta), resample=False)
-    try:
+    with atomic_write(path) as tmp:
         writer.write(str(tmp), verbose=False)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 class PseudoMaskGenerator:
@@ -186,9 +182,8 @@ class PseudoMaskGenerator:
         folder.mkdir(parents=True, exist_ok=True)
         settings_path = folder / "settings.json"
         if not settings_path.exists():
-            tmp = settings_path.with_name(f".settings.tmp{os.getpid()}.json")
-            tmp.write_text(json.dumps(settings, indent=2))
-            os.replace(tmp, settings_path)
+            with atomic_write(settings_path) as tmp:
+                tmp.write_text(json.dumps(settings, indent=2))
         out = []
         todo = [(it, folder / f"{case}_pseudo.nii.gz") for it, case in zip(items, cases)]
         missing = [(it, p) for it, p in todo if not p.exists()]
@@ -197,7 +192,7 @@ class PseudoMaskGenerator:
         for item, path in bar:
             data = self(item)
             meta = getattr(data["image"], "meta", {})
-            _write_nifti_atomic(data["pseudo"], meta, path)
+            _write_mask(data["pseudo"], meta, path)
         for item, path in todo:
             out.append({**dict(item), "pseudo": str(path)})
         return out

@@ -30,6 +30,7 @@ from monai_wsss.benchmark.table import bundle_method_settings, load_bundle_netwo
 from monai_wsss.apps.methods import build_method_inferer
 from monai_wsss.inferers import VolumeInferer
 from monai_wsss.networks.nets import ConditionalDiffusionUNet, NoisyClassifier
+from monai_wsss.transforms.io import atomic_write
 
 __all__ = ["default_networks", "time_call", "run_speed_benchmark", "resolve_speed_settings", "main"]
 
@@ -243,8 +244,10 @@ def main(argv: list[str] | None = None) -> dict:
     )
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "speed.json").write_text(json.dumps(result, indent=2))
-    (out / "speed.md").write_text(to_markdown(result) + "\n")
+    with atomic_write(out / "speed.json") as tmp:  # a killed run leaves no truncated result
+        tmp.write_text(json.dumps(result, indent=2))
+    with atomic_write(out / "speed.md") as tmp:
+        tmp.write_text(to_markdown(result) + "\n")
     print(to_markdown(result))
     return result
 

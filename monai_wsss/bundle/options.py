@@ -148,7 +148,7 @@ def parse_option(
     return number
 
 
-def _config_files_from_argv(argv: Sequence[str]) -> list[Path]:
+def config_files_from_argv(argv: Sequence[str]) -> list[Path]:
     """Every ``--config_file`` path of a ``monai.bundle run`` command line (a list is passed as ``"['a','b']"``)."""
     files: list[Path] = []
     for i, arg in enumerate(argv):
@@ -201,7 +201,7 @@ def check_command_line(
         "initialize": ["$monai_wsss.bundle.check_command_line()", "$monai.utils.set_determinism(seed=@seed)"]
     """
     argv = list(sys.argv if argv is None else argv)
-    files = _config_files_from_argv(argv)
+    files = config_files_from_argv(argv)
     if known is None:
         if not files:
             return []
