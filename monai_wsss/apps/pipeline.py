@@ -168,6 +168,8 @@ class VolumeSegmentationPipeline:
             sw_device=self.device,
             progress=progress,
         )
+        # kept as an attribute so that a run's manifest records its weights (run_settings)
+        self.gate_classifier = gate_classifier if self.slice_gate is not None else None
         self.gate = None if self.slice_gate is None else SliceProbabilityInferer(gate_classifier)  # type: ignore[arg-type]
         self.gate_size = tuple(getattr(gate_classifier, "input_shape", None) or self.volume_inferer.roi_size)
         self.preprocess = volume_preprocess(self.preset)
