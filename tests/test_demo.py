@@ -64,8 +64,8 @@ def test_demo_command_prints_one_training_line_per_epoch_and_repeats_its_scores(
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     lines = [line for line in out.stdout.splitlines() if "train_loss" in line]
-    # diffusion and classifier trainings, one epoch each at --quick: only each epoch's last iteration is logged
-    epochs = demo.QUICK_SETTINGS["diffusion_epochs"] + demo.QUICK_SETTINGS["classifier_epochs"]
+    # diffusion, classifier and segmenter trainings, one epoch each at --quick: only each epoch's last iteration is logged
+    epochs = sum(demo.QUICK_SETTINGS[f"{name}_epochs"] for name in ("diffusion", "classifier", "segmenter"))
     assert len(lines) == epochs, out.stdout[-2000:]
     for line in lines:
         done, total = re.search(r"Iter: (\d+)/(\d+)", line).groups()
