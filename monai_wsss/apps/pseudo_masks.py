@@ -24,7 +24,7 @@ from monai.transforms import FillHoles
 from monai.utils import convert_to_tensor, optional_import
 
 from monai_wsss.apps.pipeline import VolumeSegmentationPipeline
-from monai_wsss.transforms.io import atomic_write
+from monai_wsss.transforms.io import atomic_write, write_text_atomic
 from monai_wsss.transforms.weak_label import WeakSliceLabel
 
 tqdm, has_tqdm = optional_import("tqdm", name="tqdm")
@@ -182,8 +182,7 @@ class PseudoMaskGenerator:
         folder.mkdir(parents=True, exist_ok=True)
         settings_path = folder / "settings.json"
         if not settings_path.exists():
-            with atomic_write(settings_path) as tmp:
-                tmp.write_text(json.dumps(settings, indent=2))
+            write_text_atomic(settings_path, json.dumps(settings, indent=2))
         out = []
         todo = [(it, folder / f"{case}_pseudo.nii.gz") for it, case in zip(items, cases)]
         missing = [(it, p) for it, p in todo if not p.exists()]

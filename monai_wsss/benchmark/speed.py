@@ -30,7 +30,7 @@ from monai_wsss.benchmark.table import bundle_method_settings, load_bundle_netwo
 from monai_wsss.apps.methods import build_method_inferer
 from monai_wsss.inferers import VolumeInferer
 from monai_wsss.networks.nets import ConditionalDiffusionUNet, NoisyClassifier
-from monai_wsss.transforms.io import atomic_write
+from monai_wsss.transforms.io import write_text_atomic
 
 __all__ = ["default_networks", "time_call", "run_speed_benchmark", "resolve_speed_settings", "main"]
 
@@ -244,10 +244,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    with atomic_write(out / "speed.json") as tmp:  # a killed run leaves no truncated result
-        tmp.write_text(json.dumps(result, indent=2))
-    with atomic_write(out / "speed.md") as tmp:
-        tmp.write_text(to_markdown(result) + "\n")
+    write_text_atomic(out / "speed.json", json.dumps(result, indent=2))
+    write_text_atomic(out / "speed.md", to_markdown(result) + "\n")
     print(to_markdown(result))
     return result
 

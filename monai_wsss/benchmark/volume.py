@@ -33,7 +33,7 @@ from monai.utils import convert_to_tensor
 
 import monai_wsss.apps.pipeline as pipeline_module
 from monai_wsss.apps import METHODS
-from monai_wsss.transforms.io import atomic_write
+from monai_wsss.transforms.io import write_text_atomic
 
 __all__ = ["STAGES", "build_bundle_pipeline", "time_volume", "run_volume_benchmark", "volume_markdown", "main"]
 
@@ -269,10 +269,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    with atomic_write(out / "volume.json") as tmp:  # a killed run leaves no truncated result
-        tmp.write_text(json.dumps(result, indent=2))
-    with atomic_write(out / "volume.md") as tmp:
-        tmp.write_text(volume_markdown(result) + "\n")
+    write_text_atomic(out / "volume.json", json.dumps(result, indent=2))
+    write_text_atomic(out / "volume.md", volume_markdown(result) + "\n")
     print(volume_markdown(result))
     return result
 
