@@ -83,6 +83,11 @@ def test_pseudo_masks_are_empty_on_negative_slices_and_cached(cases, tmp_path):
     assert [Path(it["pseudo"]).stat().st_mtime_ns for it in gen.generate(cases[:3], tmp_path)] == stamp
     other = PseudoMaskGenerator(_source(0.8), fill_holes=True).generate(cases[:1], tmp_path)
     assert Path(other[0]["pseudo"]).parent != Path(items[0]["pseudo"]).parent
+    # a source network with other weights (e.g. retrained) never reuses the masks of the old one
+    nets = [UNet(2, 1, 2, channels=(4, 8), strides=(2,), num_res_units=1) for _ in range(2)]
+    sources = [VolumeSegmentationPipeline(n, build_method_inferer("segmenter", network=n), map_mode=None, threshold=0.5)
+               for n in nets]
+    assert PseudoMaskGenerator(sources[0]).settings() != PseudoMaskGenerator(sources[1]).settings()
     assert not list(tmp_path.rglob(".*tmp*"))  # written under temporary names, renamed into place
 
 

@@ -96,16 +96,17 @@ class PseudoMaskGenerator:
         self.hole_filler = FillHoles()
 
     def settings(self) -> dict:
-        """Everything a pseudo-mask depends on (its digest names the output folder)."""
+        """
+        Everything a pseudo-mask depends on (its digest names the output folder): the source pipeline's
+        :py:meth:`~monai_wsss.apps.VolumeSegmentationPipeline.run_settings` (task preset with the slice-label rule,
+        inferer settings, seed and a checksum of every network's weights, so retrained source weights never
+        reuse old masks) and the hole filling.
+        """
         return {
             "version": _PSEUDO_VERSION,
             "source": self.source_name,
-            "pipeline": self.pipeline.describe()[:3],
-            "seed": self.pipeline.seed,
+            "pipeline": self.pipeline.run_settings(),
             "fill_holes": self.fill_holes,
-            "task": self.preset.name,
-            "positive_min_pixels": self.preset.positive_min_pixels,
-            "positive_min_fraction": self.preset.positive_min_fraction,
         }
 
     def slice_labels(self, seg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
