@@ -82,7 +82,7 @@ class VolumeSegmentationPipeline:
         largest_component: keep only the largest connected component of each slice's mask.
         slice_gate: volume-aware masks: empty the mask of every slice whose probability of holding the target,
             by ``gate_classifier`` on the clean slice (timestep 0), is below this value (``None``: no gate).
-        gate_classifier: the noisy classifier of the slice gate (needed with ``slice_gate``).
+        gate_classifier: the noisy classifier of the slice gate (needed with ``slice_gate``, ignored without it).
         min_component_size: volume-aware masks: drop 3D connected components (26-connectivity) smaller than this
             many voxels, with MONAI ``RemoveSmallObjects`` (0: keep all).
         classifier: passed as ``classifier=`` to every inferer call (not needed when the inferer holds one).
