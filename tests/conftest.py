@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from pathlib import Path
+
 import pytest
 import torch
 from monai.networks.schedulers import DDIMScheduler
@@ -17,6 +19,10 @@ from monai_wsss.networks.nets import ConditionalDiffusionUNet, NoisyClassifier
 reuse_freed_memory()
 os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 30))
 os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", str(1 << 30))
+
+REPO = Path(__file__).resolve().parents[1]
+#: the two bundles of the repository, by task
+BUNDLES = {"brats": REPO / "bundles" / "brats_cdm", "chaos": REPO / "bundles" / "chaos_kidney_cdm"}
 
 TINY_UNET = dict(
     spatial_dims=2,

@@ -17,12 +17,10 @@ import pytest
 import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
 
-from conftest import TINY_UNET, perturb
+from conftest import BUNDLES, REPO, TINY_UNET, perturb
 from monai_wsss.data import make_synthetic_dataset
 from monai_wsss.networks.nets import ConditionalDiffusionUNet, NoisyClassifier
 
-REPO = Path(__file__).resolve().parents[1]
-BUNDLES = {"brats": REPO / "bundles" / "brats_cdm", "chaos": REPO / "bundles" / "chaos_kidney_cdm"}
 SIZE = 16
 # the bundles' network definitions shrunk to the tiny test networks (the same overrides a user passes on the CLI)
 TINY_NETS = {

@@ -29,10 +29,9 @@ from monai_wsss.bundle import (
     select_slices,
     verify_bundle_networks,
 )
+from conftest import BUNDLES, REPO
 from monai_wsss.data import make_synthetic_dataset
 
-REPO = Path(__file__).resolve().parents[1]
-BUNDLES = {"brats": REPO / "bundles" / "brats_cdm", "chaos": REPO / "bundles" / "chaos_kidney_cdm"}
 SCHEMA = REPO / "bundles" / "schema" / "meta_schema_monai_wsss.json"
 TRAIN_CONFIGS = ("train_diffusion.json", "train_classifier.json")
 REQUIRED_FILES = (

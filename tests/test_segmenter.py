@@ -26,10 +26,8 @@ from monai_wsss.apps import (
 from monai_wsss.data import build_slice_dataset, make_synthetic_dataset, volume_preprocess
 from monai_wsss.inferers import SegmentationProbabilityInferer, SliceProbabilityInferer
 from monai_wsss.networks.nets import NoisyClassifier
-from conftest import perturb
+from conftest import BUNDLES, perturb
 
-REPO = Path(__file__).resolve().parents[1]
-BUNDLES = {"brats": REPO / "bundles" / "brats_cdm", "chaos": REPO / "bundles" / "chaos_kidney_cdm"}
 SHAPE = (40, 40, 12)
 SIZE = 32
 
