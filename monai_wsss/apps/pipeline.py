@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.transforms import LoadImage, RemoveSmallObjects, Resize
+from monai.transforms import LoadImage, RemoveSmallObjects
 from monai.utils import convert_to_tensor
 
 import monai_wsss
@@ -171,7 +171,11 @@ class VolumeSegmentationPipeline:
         # kept as an attribute so that a run's manifest records its weights (run_settings)
         self.gate_classifier = gate_classifier if self.slice_gate is not None else None
         self.gate = None if self.slice_gate is None else SliceProbabilityInferer(gate_classifier)  # type: ignore[arg-type]
-        self.gate_size = tuple(getattr(gate_classifier, "input_shape", None) or self.volume_inferer.roi_size)
+        # the classifier's own model space (its input size), with the slices' resize and scaling rules
+        self.gate_space = VolumeInferer(
+            roi_size=tuple(getattr(gate_classifier, "input_shape", None) or self.volume_inferer.roi_size),
+            slice_axis=self.slice_axis,
+        )
         self.preprocess = volume_preprocess(self.preset)
         try:
             self._takes_generator = "generator" in inspect.signature(inferer).parameters
@@ -251,11 +255,9 @@ class VolumeSegmentationPipeline:
         slices = convert_to_tensor(image, track_meta=False)[0].movedim(self.slice_axis, 0).float()  # (n, a, b)
         prob = torch.zeros(slices.shape[0])
         todo = torch.nonzero(slices.flatten(1).ne(0).any(1)).flatten()
-        # the model space of the training slices (model_space_transform): anti-aliased resize, [0, 1] -> [-1, 1]
-        resize = Resize(spatial_size=self.gate_size, mode="bilinear", anti_aliasing=True)
         for start in range(0, int(todo.numel()), 64):
             chunk = todo[start : start + 64]
-            x = convert_to_tensor(resize(slices[chunk]), track_meta=False)[:, None].to(self.device) * 2.0 - 1.0
+            x = self.gate_space.to_model_space(slices[chunk][:, None].to(self.device))
             prob[chunk] = self.gate.probabilities(x).cpu()
         return prob
 

@@ -160,6 +160,14 @@ class VolumeInferer(Inferer):
         # Resize computes in its own dtype; keep the caller's (e.g. float64 or half networks)
         return convert_to_tensor(out, track_meta=False).to(x.dtype).reshape(n, c, *size)
 
+    def to_model_space(self, x: torch.Tensor) -> torch.Tensor:
+        """
+        Slices ``(N, C, h, w)`` in ``[0, 1]`` as the network sees them: resized to ``roi_size`` and, with
+        ``rescale``, mapped to ``[-1, 1]`` (the steps of ``monai_wsss.transforms.model_space_transform``).
+        """
+        x = self._resize(x, self.roi_size)
+        return x * 2.0 - 1.0 if self.rescale else x
+
     def _call_inner(self, x: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any) -> torch.Tensor:
         out = self.inferer(x, network, *args, **kwargs) if self.inferer is not None else network(x, *args, **kwargs)
         if not isinstance(out, torch.Tensor):
@@ -212,9 +220,7 @@ class VolumeInferer(Inferer):
             model_in = slices[chunk]
             if self.sw_device is not None:
                 model_in = model_in.to(self.sw_device)
-            model_in = self._resize(model_in, self.roi_size)
-            if self.rescale:
-                model_in = model_in * 2.0 - 1.0
+            model_in = self.to_model_space(model_in)
             pred = self._resize(self._call_inner(model_in, network, *args, **kwargs), slice_size)
             if out is None:
                 out = torch.zeros((slices.shape[0], pred.shape[1], *slice_size), dtype=x.dtype, device=x.device)
