@@ -89,6 +89,36 @@ def test_pseudo_masks_are_empty_on_negative_slices_and_cached(cases, tmp_path):
     assert not list(tmp_path.rglob(".*tmp*"))  # written under temporary names, renamed into place
 
 
+def test_healthy_reference_keeps_only_voxels_brighter_than_the_healthy_slices(cases):
+    item = cases[0]
+    seg = _seg(item)
+    positive = seg.reshape(-1, seg.shape[2]).any(0)
+    assert positive.any() and (~positive).any()
+    # a loose source threshold marks most of the brain on the positive slices
+    plain = PseudoMaskGenerator(_source(0.3), fill_holes=False)(item)
+    restricted_gen = PseudoMaskGenerator(_source(0.3), fill_holes=False, healthy_percentile=99.0)
+    restricted = restricted_gen(item)
+    plain_mask = np.asarray(plain["pseudo"])[0] > 0
+    mask = np.asarray(restricted["pseudo"])[0] > 0
+    # the reference, recomputed with numpy: the 99th percentile of the body on slices labelled healthy
+    image = np.asarray(restricted["image"])[0]
+    body_fraction = (image != 0).reshape(-1, image.shape[2]).mean(0)
+    healthy = ~restricted["slice_label"].numpy() & (body_fraction >= restricted_gen.preset.min_body_fraction)
+    values = image[..., healthy]
+    reference = np.percentile(values[values != 0], 99.0)
+    np.testing.assert_allclose(
+        restricted_gen.healthy_reference(restricted["image"], restricted["slice_label"]), reference, rtol=1e-5
+    )
+    np.testing.assert_array_equal(mask, plain_mask & (image > reference))
+    assert mask[..., ~positive].sum() == 0
+    assert _dice(mask, seg) > _dice(plain_mask, seg) + 0.2
+    assert restricted_gen.settings() != PseudoMaskGenerator(_source(0.3), fill_holes=False).settings()  # cache key
+    with pytest.raises(ValueError, match="no slice labelled healthy"):
+        restricted_gen.healthy_reference(restricted["image"], torch.ones_like(restricted["slice_label"]), case="c7")
+    with pytest.raises(ValueError, match="healthy_percentile"):
+        PseudoMaskGenerator(_source(), healthy_percentile=100)
+
+
 def test_pseudo_masks_refuse_bad_inputs(cases, tmp_path):
     with pytest.raises(ValueError, match="average_otsu"):
         PseudoMaskGenerator(VolumeSegmentationPipeline(None, build_method_inferer("threshold"), threshold="average_otsu"))
