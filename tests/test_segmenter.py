@@ -314,7 +314,7 @@ def test_train_segmentation_then_evaluate_with_gate_and_components(cases, tmp_pa
     workflow.initialize()
     result = workflow.run()[0]
     workflow.finalize()
-    assert result["threshold"] == 0.3  # default_threshold("segmenter")
+    assert result["threshold"] == default_threshold("segmenter", "brats") == 0.5
     assert result["summary"]["num_positive_volumes"] >= 1
     masks = sorted((tmp_path / "eval").glob("*_mask.nii.gz"))
     assert len(masks) == len(cases)
