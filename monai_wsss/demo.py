@@ -33,6 +33,7 @@ import torch
 
 from monai_wsss.apps.methods import default_threshold
 from monai_wsss.apps.reports import format_summary_table
+from monai_wsss.transforms.io import write_text_atomic
 
 __all__ = [
     "DEMO_SETTINGS",
@@ -224,7 +225,7 @@ def read_readme_table(readme: str | os.PathLike) -> str:
     Raises:
         ValueError: the markers are missing.
     """
-    text = Path(readme).read_text()
+    text = Path(readme).read_text(encoding="utf-8")
     start, end = README_MARKERS
     if start not in text or end not in text:
         raise ValueError(f"{readme} has no demo table between {start!r} and {end!r}.")
@@ -425,26 +426,23 @@ def run_demo(
         "thread count (CPU float sums depend on how the work is split between threads)",
         "wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()),
     ]
-    (out / "summary.md").write_text(
+    write_text_atomic(
+        out / "summary.md",
         "# monai_wsss demo\n\n" + table + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n\n## All scores and times\n\n"
-        + format_summary_table(summaries) + "\n"
+        + format_summary_table(summaries) + "\n",
     )
 
     def clean(x: Any) -> Any:
         return None if isinstance(x, float) and not math.isfinite(x) else x
 
-    with open(out / "summary.json", "w") as f:
-        json.dump(
-            {
-                "summaries": {k: {kk: clean(vv) for kk, vv in v.items()} for k, v in summaries.items()},
-                "seconds": seconds,
-                "seed": seed,
-                "threads": torch.get_num_threads(),
-                "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
-            },
-            f,
-            indent=2,
-        )
+    record = {
+        "summaries": {k: {kk: clean(vv) for kk, vv in v.items()} for k, v in summaries.items()},
+        "seconds": seconds,
+        "seed": seed,
+        "threads": torch.get_num_threads(),
+        "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
+    }
+    write_text_atomic(out / "summary.json", json.dumps(record, indent=2))
     return {
         "summaries": summaries,
         "seconds": seconds,
@@ -455,7 +453,7 @@ def run_demo(
 
 def _bundle_cgdiff_level() -> Any:
     try:
-        return json.loads((find_bundle() / "configs" / "evaluate.json").read_text()).get("cgdiff_level", "?")
+        return json.loads((find_bundle() / "configs" / "evaluate.json").read_text(encoding="utf-8")).get("cgdiff_level", "?")
     except (FileNotFoundError, ValueError):
         return "?"
 
@@ -479,7 +477,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     readme = Path(__file__).resolve().parents[1] / "README.md"
     if args.check_readme:
-        summaries = json.loads(Path(args.check_readme).read_text())["summaries"]
+        summaries = json.loads(Path(args.check_readme).read_text(encoding="utf-8"))["summaries"]
         diffs = compare_with_readme(summaries, readme)
         print("\n".join(diffs) if diffs else f"{args.check_readme} matches the demo table of {readme}")
         if diffs:

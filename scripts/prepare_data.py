@@ -32,6 +32,7 @@ from monai_wsss.data import (
     split_cases,
     write_datalist,
 )
+from monai_wsss.transforms.io import write_text_atomic
 
 BUILDERS = {"brats": build_brats_datalist, "chaos": build_chaos_datalist}
 
@@ -89,8 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
             counts["without_eval_min_fraction"] = {"slices": len(unfiltered), "positive": positives}
             print(f"{'':<11} {'':>5} {'':>5} {len(unfiltered):>7} {positives:>8} {len(unfiltered) - positives:>8}"
                   f"             (without eval_min_fraction={preset.eval_min_fraction})")
-    with open(out_dir / "summary.json", "w") as f:
-        json.dump(summary, f, indent=2)
+    write_text_atomic(out_dir / "summary.json", json.dumps(summary, indent=2))
     return summary
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import locale
 import logging
 import os
 import shutil
@@ -315,3 +316,27 @@ def test_bad_settings_fail_before_any_compute(cases, tmp_path, monkeypatch):
             inferer(x, net)
     with pytest.raises(ValueError, match="no voxel"):
         VolumeInferer(None, roi_size=(16, 16))(torch.rand(0, 1, 8, 8, 4), net)
+
+
+def test_reports_are_utf8_under_the_c_locale_itk_leaves_behind(tmp_path):
+    """ITK's image IO switches the process to the C locale (ASCII); reports with "±" must still be written."""
+    from monai_wsss.apps.reports import write_csv
+    from monai_wsss.benchmark.table import write_table
+    from monai_wsss.transforms.io import write_text_atomic
+
+    previous = locale.setlocale(locale.LC_CTYPE)
+    locale.setlocale(locale.LC_CTYPE, "C")
+    try:
+        assert locale.getpreferredencoding(False).lower() in ("ansi_x3.4-1968", "ascii", "us-ascii")
+        write_text_atomic(tmp_path / "summary.md", "Dice 0.50 ± 0.10")
+        write_csv(tmp_path / "metrics.csv", [{"case": "ü", "dice": 0.5}])
+        row = {"method": "cdm", "setting": "Q=300", "repeats": 2, "sec_per_slice": 0.1, "hd95_missing": 0,
+               "auroc": 0.9, "auprc": 0.8, **{k: 0.5 for k in ("dice", "iou", "hd95")},
+               **{f"{k}_std": 0.1 for k in ("dice", "iou", "hd95")}}
+        info = {"slices_used": 1, "cases_used": 1, "split": "test", "positive_slices": 1}
+        write_table([row], tmp_path / "table", "test", info)
+    finally:
+        locale.setlocale(locale.LC_CTYPE, previous)
+    assert (tmp_path / "summary.md").read_bytes().decode("utf-8") == "Dice 0.50 ± 0.10"
+    assert "ü" in (tmp_path / "metrics.csv").read_bytes().decode("utf-8")
+    assert "0.500 ± 0.100" in (tmp_path / "table" / "table.md").read_bytes().decode("utf-8")

@@ -234,7 +234,7 @@ def write_csv(path: str | os.PathLike, rows: Sequence[Mapping]) -> Path:
     for row in rows:
         columns.extend(k for k in row if k not in columns)
     target = Path(path)
-    with atomic_write(target) as tmp, open(tmp, "w", newline="") as f:  # never a half-written table under its name
+    with atomic_write(target) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:  # never a half-written table under its name
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         for row in rows:

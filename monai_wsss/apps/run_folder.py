@@ -250,7 +250,7 @@ class RunFolder:
         old: dict | None = None
         if self.manifest_path.is_file():
             try:
-                old = json.loads(self.manifest_path.read_text())
+                old = json.loads(self.manifest_path.read_text(encoding="utf-8"))
             except (OSError, ValueError):
                 old = {"settings": {"manifest": "unreadable"}}
         if old is not None:

@@ -14,7 +14,6 @@ and ``ablation.md``.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 from pathlib import Path
 
@@ -23,9 +22,11 @@ import torch
 from monai.networks.schedulers import DDIMScheduler
 
 from monai_wsss.apps.methods import default_map_mode
+from monai_wsss.apps.reports import write_csv
 from monai_wsss.benchmark.table import MethodSpec, evaluate_method, load_bundle_networks, load_eval_slices
 from monai_wsss.data import TASKS
 from monai_wsss.inferers import ConditionDifferenceInferer, NoiseEnsembleInferer
+from monai_wsss.transforms.io import atomic_write, write_text_atomic
 
 __all__ = ["sweep_settings", "run_ablation", "main"]
 
@@ -102,10 +103,7 @@ def write_ablation(rows: list[dict], out_dir: str | Path, info: dict) -> None:
     """``ablation.csv``, ``ablation.md`` and ``ablation.png`` (Dice vs each swept parameter)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "ablation.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(out / "ablation.csv", rows)
     params = list(dict.fromkeys(r["parameter"] for r in rows))
     lines = [
         f"{info['slices_used']} positive {info['split']} slices of {info['cases_used']} cases "
@@ -119,7 +117,7 @@ def write_ablation(rows: list[dict], out_dir: str | Path, info: dict) -> None:
             dice = f"{r['dice']:.3f} ± {r['dice_std']:.3f}" if r["repeats"] > 1 else f"{r['dice']:.3f}"
             lines.append(f"| {r[p]} | {dice} | {r['iou']:.3f} | {r['hd95']:.1f} | {r['auroc']:.3f} |")
         lines.append("")
-    (out / "ablation.md").write_text("\n".join(lines))
+    write_text_atomic(out / "ablation.md", "\n".join(lines))
 
     import matplotlib
 
@@ -135,7 +133,8 @@ def write_ablation(rows: list[dict], out_dir: str | Path, info: dict) -> None:
         ax.set_ylabel("Dice")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out / "ablation.png", dpi=120)
+    with atomic_write(out / "ablation.png") as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
 
 

@@ -20,7 +20,6 @@ Results: ``table.csv``, ``table.md`` and ``table.png`` (bar chart).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import time
@@ -33,11 +32,13 @@ import torch
 from monai.bundle import ConfigParser
 
 from monai_wsss.apps.methods import build_method_inferer, default_map_mode
+from monai_wsss.apps.reports import write_csv
 from monai_wsss.bundle import prepare_splits
 from monai_wsss.data import TASKS, build_slice_dataset
 from monai_wsss.inferers import ClassActivationMapInferer, IntensityThresholdInferer
 from monai_wsss.metrics import PixelAUCMetric, SegmentationScores
 from monai_wsss.transforms import NormalizeMap, OtsuThreshold, oriented_map
+from monai_wsss.transforms.io import atomic_write, write_text_atomic
 
 __all__ = [
     "MethodSpec",
@@ -277,10 +278,7 @@ def write_table(rows: list[dict], out_dir: str | Path, title: str, info: dict) -
     """Write ``table.csv``, ``table.md`` and ``table.png``; return the markdown."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "table.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(out / "table.csv", rows)
 
     def pm(row: dict, key: str, digits: int = 3) -> str:
         if math.isnan(row[key]):
@@ -303,8 +301,8 @@ def write_table(rows: list[dict], out_dir: str | Path, title: str, info: dict) -
             f"{r['hd95_missing']:.0f} | {r['auroc']:.3f} | {r['auprc']:.3f} | {r['sec_per_slice']:.3f} |"
         )
     md = "\n".join(lines) + "\n"
-    (out / "table.md").write_text(md)
-    (out / "info.json").write_text(json.dumps(info, indent=2))
+    write_text_atomic(out / "table.md", md)
+    write_text_atomic(out / "info.json", json.dumps(info, indent=2))
 
     import matplotlib
 
@@ -319,7 +317,8 @@ def write_table(rows: list[dict], out_dir: str | Path, title: str, info: dict) -
     ax.set_title(title, fontsize=9)
     ax.tick_params(axis="x", rotation=45)
     fig.tight_layout()
-    fig.savefig(out / "table.png", dpi=120)
+    with atomic_write(out / "table.png") as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
     return md
 
@@ -415,7 +414,7 @@ def bundle_method_settings(bundle_root: str | Path) -> dict:
     path = Path(bundle_root) / "configs" / "inference.json"
     if not path.is_file():
         raise FileNotFoundError(f"bundle inference config not found: {path}")
-    config = json.loads(path.read_text())
+    config = json.loads(path.read_text(encoding="utf-8"))
     missing = [k for k in METHOD_SETTINGS if k not in config]
     if missing:
         raise KeyError(f"{path} lacks the method settings {missing}.")

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from monai_wsss.transforms.io import write_text_atomic
+
 __all__ = [
     "build_brats_datalist",
     "build_chaos_datalist",
@@ -53,7 +55,7 @@ def _check_root(root: str | os.PathLike) -> Path:
 
 def _decathlon_datalist(root: Path, modality_channel: int | None) -> list[dict]:
     """Medical Segmentation Decathlon Task01 layout: dataset.json + imagesTr/ + labelsTr/ (4D images)."""
-    with open(root / "dataset.json") as f:
+    with open(root / "dataset.json", encoding="utf-8") as f:
         meta = json.load(f)
     entries = meta.get("training")
     if not isinstance(entries, list) or not entries:
@@ -272,11 +274,7 @@ def write_datalist(
                         row[key] = os.path.relpath(row[key], relative_to)
             rows.append(row)
         out[str(name)] = rows
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target, "w") as f:
-        json.dump(out, f, indent=2)
-    return target
+    return write_text_atomic(path, json.dumps(out, indent=2))
 
 
 def load_datalist(
@@ -311,7 +309,7 @@ def load_datalist(
     if not json_path.is_file():
         raise FileNotFoundError(f"datalist not found: {json_path}")
     try:
-        with open(json_path) as f:
+        with open(json_path, encoding="utf-8") as f:
             raw = json.load(f)
     except json.JSONDecodeError as err:
         raise ValueError(f"datalist {json_path} is not valid JSON: {err}") from None

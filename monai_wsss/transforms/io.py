@@ -152,9 +152,14 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` through :py:func:`atomic_write`; returns the path."""
+    """
+    Write ``text`` to ``path`` as UTF-8 through :py:func:`atomic_write`; returns the path.
+
+    UTF-8 whatever the locale: ITK's image IO switches the process to the C locale (ASCII) when it loads, and
+    the reports hold characters such as "±".
+    """
     with atomic_write(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
     return Path(path)
 
 
