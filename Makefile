@@ -19,8 +19,10 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 venv: $(VENV)/.installed
 
+# two workers, one per core (pytest-xdist); --maxschedchunk 1 with the order set in tests/conftest.py starts the
+# longest notebooks on different workers
 test: venv
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --maxschedchunk 1 tests
 
 demo: venv
 	$(PY) -m monai_wsss.demo --out_dir outputs/demo

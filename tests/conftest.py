@@ -20,6 +20,28 @@ reuse_freed_memory()
 os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 30))
 os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", str(1 << 30))
 
+# under pytest-xdist (`-n 2`, the README's command) every worker is one process per core: one torch thread each,
+# and the same for the bundle runs and notebook kernels the tests start, so two workers never fight over two cores
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config, items):
+    """
+    Order for two parallel workers (``-n 2 --maxschedchunk 1``): the slow tests first, the notebooks (the longest)
+    ahead of the others, each followed by one short test. xdist hands each worker two consecutive tests, then one
+    at a time, so the two longest notebooks start at once on different workers and the short tests fill the gaps,
+    instead of one worker finishing a long notebook alone at the end. Serial runs are unaffected in substance.
+    """
+    slow = sorted((i for i in items if i.get_closest_marker("slow")), key=lambda i: "tutorial" not in i.nodeid)
+    fast = [i for i in items if not i.get_closest_marker("slow")]
+    ordered = []
+    for k, item in enumerate(slow):
+        ordered += [item, *fast[k : k + 1]]
+    items[:] = ordered + fast[len(slow) :]
+
+
 REPO = Path(__file__).resolve().parents[1]
 #: the two bundles of the repository, by task
 BUNDLES = {"brats": REPO / "bundles" / "brats_cdm", "chaos": REPO / "bundles" / "chaos_kidney_cdm"}
