@@ -381,6 +381,9 @@ def run_demo(
         "cgdiff_level": int(cfg["cgdiff_level"]),
         "cgdiff_guidance": float(cfg["cgdiff_guidance"]),
         "sw_batch_size": int(cfg["sw_batch_size"]),
+        # float32 on every CPU: the bundle's "auto" runs bfloat16 only where the CPU has it natively, and the
+        # demo's table must not depend on that
+        "precision": "float32",
         "seed": seed,
         "num_overlays": num_overlays,
         "progress": False,

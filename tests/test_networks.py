@@ -5,6 +5,8 @@ import torch
 from monai.networks.nets import DiffusionModelUNet
 
 from conftest import TINY_UNET, perturb, tiny_classifier, tiny_unet
+from monai_wsss.apps.run_folder import state_dict_checksum
+from monai_wsss.networks import AutocastNetwork, native_bfloat16, with_precision
 from monai_wsss.networks.nets import ConditionalDiffusionUNet, NoisyClassifier
 
 X = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
@@ -136,3 +138,41 @@ def test_three_dimensional_network():
     x = torch.randn(1, 1, 8, 8, 8)
     out = net(x, torch.tensor([5]), class_embedding=net.embed_classes([1]))
     assert out.shape == x.shape
+
+
+# ---- inference precision -----------------------------------------------------------------------------------------
+def test_autocast_network_keeps_float32_interfaces_and_close_outputs():
+    net = tiny_unet()
+    x, t, y = torch.randn(3, 1, 16, 16), torch.tensor([5, 300, 900]), torch.tensor([1, 0, 1])
+    with torch.no_grad():
+        reference = net(x, t, y)
+    fast = AutocastNetwork(net)
+    with torch.no_grad():
+        out = fast(x, t, y)
+    assert out.dtype == torch.float32 and out.shape == reference.shape and out.is_contiguous()
+    difference = (out - reference).abs().max().item()
+    assert 0 < difference < 0.05 * reference.abs().max().item()  # reduced precision really ran, and stayed close
+    # the inferers reach the wrapped network's helpers and attributes through the wrapper
+    assert fast.null_class == net.null_class
+    torch.testing.assert_close(fast.embed_classes([1, 0]), net.embed_classes([1, 0]))
+    # input gradients (classifier guidance) flow through the autocast region, in float32
+    clf = AutocastNetwork(tiny_classifier())
+    xg = torch.randn(2, 1, 16, 16, requires_grad=True)
+    clf(xg, torch.tensor([10, 10])).logsumexp(1).sum().backward()
+    assert xg.grad is not None and xg.grad.dtype == torch.float32 and xg.grad.abs().sum() > 0
+
+
+def test_with_precision_choices_and_errors():
+    net = tiny_unet()
+    assert with_precision(net, "float32") is net
+    assert with_precision(None, "bfloat16") is None
+    wrapped = with_precision(net, "bfloat16")
+    assert isinstance(wrapped, AutocastNetwork) and with_precision(wrapped, "bfloat16") is wrapped
+    # run manifests checksum the (now channels-last) weights, and a bfloat16 run never resumes a float32 one
+    assert state_dict_checksum(wrapped) != state_dict_checksum(tiny_unet()) is not None
+    auto = with_precision(tiny_unet(), "auto")
+    assert isinstance(auto, AutocastNetwork) == native_bfloat16("cpu")
+    with pytest.raises(ValueError, match="precision"):
+        with_precision(net, "half")
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        AutocastNetwork(lambda x: x)

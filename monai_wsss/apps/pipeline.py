@@ -24,6 +24,7 @@ from monai_wsss.apps.reports import VolumeEvaluation, save_overlay, write_csv, w
 from monai_wsss.apps.run_folder import RunFolder, state_dict_checksum, unique_output_stems
 from monai_wsss.data import TASKS, TaskPreset, volume_preprocess
 from monai_wsss.inferers import SliceProbabilityInferer, VolumeInferer
+from monai_wsss.networks.precision import AutocastNetwork
 from monai_wsss.transforms import NormalizeMap, OtsuThreshold, map_writer, otsu_thresholds, write_text_atomic
 
 __all__ = ["VolumeSegmentationPipeline", "THRESHOLD_MODES"]
@@ -302,10 +303,11 @@ class VolumeSegmentationPipeline:
             volume_aware.append(f"slices gated by the classifier at p >= {self.slice_gate}")
         if self.min_component_size:
             volume_aware.append(f"3D components below {self.min_component_size} voxels dropped")
+        precision = "bfloat16 autocast" if isinstance(self.network, AutocastNetwork) else "float32"
         return [
             f"inferer: {type(self.inferer).__name__}({parts})",
             f"model-space slices {self.volume_inferer.roi_size[0]} x {self.volume_inferer.roi_size[1]}, "
-            f"slice axis {self.slice_axis}, slices without body skipped",
+            f"slice axis {self.slice_axis}, slices without body skipped, network in {precision}",
             f"map normalisation: {self.map_mode or 'none'} (inside the body, per {self.normalize_per}); "
             f"threshold: {threshold}"
             f"{'; largest component per slice' if self.largest_component else ''}"

@@ -86,7 +86,8 @@ def state_dict_checksum(module: torch.nn.Module | None) -> str | None:
             continue
         t = value.detach().cpu().contiguous()
         digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        # flattened first: a channels-last weight of shape (C, K, 1, 1) counts as contiguous with stride(-1) != 1
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()
 
 

@@ -33,6 +33,7 @@ from monai.utils import convert_to_tensor
 
 import monai_wsss.apps.pipeline as pipeline_module
 from monai_wsss.apps import METHODS
+from monai_wsss.networks.precision import PRECISIONS
 from monai_wsss.transforms.io import write_text_atomic
 
 __all__ = ["STAGES", "build_bundle_pipeline", "time_volume", "run_volume_benchmark", "volume_markdown", "main"]
@@ -257,13 +258,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, nargs="+", default=None, help="default: torch's default, then 1")
     p.add_argument("--max_map_seconds", type=float, default=600.0, help="don't run methods estimated slower (0: no limit)")
     p.add_argument("--sw_batch_size", type=int, default=None, help="override the bundle's sw_batch_size")
+    p.add_argument("--precision", choices=PRECISIONS, default=None, help="override the bundle's network precision")
     p.add_argument("--out_dir", default="outputs/speed")
     return p
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parser().parse_args(argv)
-    overrides = {} if args.sw_batch_size is None else {"sw_batch_size": args.sw_batch_size}
+    overrides = {k: getattr(args, k) for k in ("sw_batch_size", "precision") if getattr(args, k) is not None}
     result = run_volume_benchmark(
         args.image, args.bundle_root, args.methods, args.threads, args.max_map_seconds or None, overrides
     )
