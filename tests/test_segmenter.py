@@ -319,3 +319,13 @@ def test_train_segmentation_then_evaluate_with_gate_and_components(cases, tmp_pa
     masks = sorted((tmp_path / "eval").glob("*_mask.nii.gz"))
     assert len(masks) == len(cases)
     assert nib.load(str(masks[0])).shape == SHAPE
+    # a second round: the trained segmenter relabels the training split (pseudo_source segmenter)
+    round2 = tmp_path / "round2"
+    run(config_file=str(BUNDLES["brats"] / "configs" / "train_segmentation.json"), bundle_root=str(round2),
+        dataset_dir=dataset, pseudo_source="segmenter", pseudo_threshold=0.5,
+        source_segmenter_path=str(models / "segmenter.pt"), **fast, **TINY_SEGMENTER)
+    settings = [json.loads(p.read_text()) for p in (round2 / "outputs" / "pseudo_masks").rglob("settings.json")]
+    assert [s["source"] for s in settings] == ["segmenter at 0.5"]
+    assert settings[0]["pipeline"]["inferer"]["class"] == "SegmentationProbabilityInferer"
+    round2_masks = sorted((round2 / "outputs" / "pseudo_masks").rglob("*_pseudo.nii.gz"))
+    assert len(round2_masks) == len(pseudo) and (round2 / "models" / "segmenter.pt").exists()
