@@ -32,7 +32,7 @@ from monai_wsss.inferers import VolumeInferer
 from monai_wsss.networks.nets import ConditionalDiffusionUNet, NoisyClassifier
 from monai_wsss.transforms.io import write_text_atomic
 
-__all__ = ["default_networks", "time_call", "run_speed_benchmark", "resolve_speed_settings", "main"]
+__all__ = ["default_networks", "time_call", "run_speed_benchmark", "resolve_speed_settings", "write_result", "main"]
 
 # speed option -> the bundle inference.json key that gives its default, and the default without a bundle
 SPEED_SETTINGS = {
@@ -201,6 +201,16 @@ def resolve_speed_settings(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
+def write_result(out_dir: str | Path, name: str, result: dict, markdown: str) -> None:
+    """A benchmark's ``<name>.json`` and ``<name>.md`` in ``out_dir`` (created), written atomically; the markdown
+    is printed too."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / f"{name}.json", json.dumps(result, indent=2))
+    write_text_atomic(out / f"{name}.md", markdown + "\n")
+    print(markdown)
+
+
 def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     mode = argparse.ArgumentParser(add_help=False)
@@ -242,11 +252,7 @@ def main(argv: list[str] | None = None) -> dict:
         device=args.device,
         bundle_root=args.bundle_root,
     )
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "speed.json", json.dumps(result, indent=2))
-    write_text_atomic(out / "speed.md", to_markdown(result) + "\n")
-    print(to_markdown(result))
+    write_result(args.out_dir, "speed", result, to_markdown(result))
     return result
 
 

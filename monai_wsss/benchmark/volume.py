@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import re
 import tempfile
@@ -33,8 +32,8 @@ from monai.utils import convert_to_tensor
 
 import monai_wsss.apps.pipeline as pipeline_module
 from monai_wsss.apps import METHODS
+from monai_wsss.benchmark.speed import write_result
 from monai_wsss.networks.precision import PRECISIONS
-from monai_wsss.transforms.io import write_text_atomic
 
 __all__ = ["STAGES", "build_bundle_pipeline", "time_volume", "run_volume_benchmark", "volume_markdown", "main"]
 
@@ -269,11 +268,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = run_volume_benchmark(
         args.image, args.bundle_root, args.methods, args.threads, args.max_map_seconds or None, overrides
     )
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "volume.json", json.dumps(result, indent=2))
-    write_text_atomic(out / "volume.md", volume_markdown(result) + "\n")
-    print(volume_markdown(result))
+    write_result(args.out_dir, "volume", result, volume_markdown(result))
     return result
 
 
