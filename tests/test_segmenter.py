@@ -103,18 +103,18 @@ def test_healthy_reference_keeps_only_voxels_brighter_than_the_healthy_slices(ca
     # the reference, recomputed with numpy: the 99th percentile of the body on slices labelled healthy
     image = np.asarray(restricted["image"])[0]
     body_fraction = (image != 0).reshape(-1, image.shape[2]).mean(0)
-    healthy = ~restricted["slice_label"].numpy() & (body_fraction >= restricted_gen.preset.min_body_fraction)
+    healthy = (restricted["slice_label"].numpy() == 0) & (body_fraction >= restricted_gen.preset.min_body_fraction)
     values = image[..., healthy]
     reference = np.percentile(values[values != 0], 99.0)
     np.testing.assert_allclose(
-        restricted_gen.healthy_reference(restricted["image"], restricted["slice_label"]), reference, rtol=1e-5
+        restricted_gen.healthy_reference(restricted["image"], restricted["slice_label"] == 0), reference, rtol=1e-5
     )
     np.testing.assert_array_equal(mask, plain_mask & (image > reference))
     assert mask[..., ~positive].sum() == 0
     assert _dice(mask, seg) > _dice(plain_mask, seg) + 0.2
     assert restricted_gen.settings() != PseudoMaskGenerator(_source(0.3), fill_holes=False).settings()  # cache key
     with pytest.raises(ValueError, match="no slice labelled healthy"):
-        restricted_gen.healthy_reference(restricted["image"], torch.ones_like(restricted["slice_label"]), case="c7")
+        restricted_gen.healthy_reference(restricted["image"], torch.zeros_like(restricted["slice_label"], dtype=torch.bool), case="c7")
     with pytest.raises(ValueError, match="healthy_percentile"):
         PseudoMaskGenerator(_source(), healthy_percentile=100)
 
@@ -123,7 +123,7 @@ def test_pseudo_masks_refuse_bad_inputs(cases, tmp_path):
     with pytest.raises(ValueError, match="average_otsu"):
         PseudoMaskGenerator(VolumeSegmentationPipeline(None, build_method_inferer("threshold"), threshold="average_otsu"))
     gen = PseudoMaskGenerator(_source())
-    with pytest.raises(ValueError, match="seg"):
+    with pytest.raises(ValueError, match="--labels"):
         gen({"image": cases[0]["image"], "case": "x"})
     with pytest.raises(ValueError, match="repeat"):
         gen.generate([cases[0], dict(cases[1], case=cases[0]["case"])], tmp_path)
@@ -291,7 +291,9 @@ def test_train_segmentation_then_evaluate_with_gate_and_components(cases, tmp_pa
     assert (models / "segmenter.pt").exists() and (models / "segmenter_final.pt").exists()
     state = torch.load(models / "segmenter.pt", map_location="cpu", weights_only=True)
     pseudo = list((tmp_path / "outputs" / "pseudo_masks").rglob("*_pseudo.nii.gz"))
-    assert len(pseudo) == len(json.loads((tmp_path / "outputs" / "train_segmentation" / "datalist.json").read_text())["training"])
+    datalist = json.loads((tmp_path / "outputs" / "train_segmentation" / "datalist.json").read_text())
+    # training scans (what the network learns from) and validation scans (what selects its checkpoint, without masks)
+    assert len(pseudo) == len(datalist["training"]) + len(datalist["validation"])
     # perturb the trained weights so the tiny network gives a real (non-constant) map, then evaluate
     gen = torch.Generator().manual_seed(0)
     torch.save({k: v + 0.05 * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v

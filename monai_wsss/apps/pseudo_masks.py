@@ -3,9 +3,9 @@
 Pseudo-masks of a training split, the input of the second stage of weakly supervised segmentation.
 
 Positive slices (image-level label 1) take the mask of a source method (any method a bundle runs); negative slices
-get an exact empty mask (the image-level label says there is nothing to find); ambiguous slices (a few target
-pixels, the task's 0.2 % rule) keep the source's mask and are left out of training by
-:py:func:`~monai_wsss.data.build_slice_dataset`, which applies the same rule.
+get an exact empty mask (the image-level label says there is nothing to find); unlabelled slices (no row of the
+labels file, or, with labels derived from masks, a few target pixels under the task's 0.2 % rule) keep the source's
+mask and are left out of training by :py:func:`~monai_wsss.data.build_slice_dataset`, which applies the same labels.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from monai.transforms import FillHoles
 from monai.utils import convert_to_tensor, optional_import
 
 from monai_wsss.apps.pipeline import VolumeSegmentationPipeline
+from monai_wsss.data.slice_labels import UNLABELLED, SliceLabels
 from monai_wsss.inferers.threshold import masked_percentile
 from monai_wsss.transforms.io import SaveVolumed, write_text_atomic
 from monai_wsss.transforms.slicing import slice_foreground_fraction
@@ -36,7 +37,7 @@ __all__ = ["PseudoMaskGenerator"]
 logger = logging.getLogger(__name__)
 
 # bump when the pseudo-mask rule changes, so a cache folder is never reused across rules
-_PSEUDO_VERSION = "2"
+_PSEUDO_VERSION = "3"
 
 
 class PseudoMaskGenerator:
@@ -44,10 +45,10 @@ class PseudoMaskGenerator:
     Pseudo-masks of whole training volumes from a source method and the slices' image-level labels.
 
     Per volume: ``pipeline.segment(item)`` gives the source's mask in the volume's space; every negative slice
-    (its ground-truth target covers nothing, i.e. the image-level label 0) is set to empty; with ``fill_holes``
-    the holes of each slice's mask are filled (MONAI ``FillHoles``: a bright rim around a darker core, such as
-    oedema around necrosis on FLAIR, becomes one object). The ground-truth ``seg`` is read only through the
-    slice labels, the weak supervision of the task.
+    (image-level label 0) is set to empty; with ``fill_holes`` the holes of each slice's mask are filled (MONAI
+    ``FillHoles``: a bright rim around a darker core, such as oedema around necrosis on FLAIR, becomes one
+    object). The slice labels come from ``labels`` (a labels file; no pixel mask is read), or, without them, from
+    the item's ``seg`` by the task's rule, read only through those labels.
 
     With ``healthy_percentile`` the source's mask is also restricted to voxels brighter than that percentile of the
     body intensities on the same volume's healthy slices (image-level label 0, body fraction at least the task's
@@ -68,7 +69,10 @@ class PseudoMaskGenerator:
         fill_holes: fill the holes of each slice's mask.
         source_name: name of the source (``settings.json``, log lines), e.g. the method name.
         healthy_percentile: percentile in ``(0, 100)`` of the healthy slices' body intensities a voxel must exceed
-            to stay in the mask (``None``: the source's mask alone).
+            to stay in the mask (``None``: the source's mask alone). A volume without any healthy slice keeps the
+            source's mask alone, with a warning naming it.
+        labels: the slices' image-level labels (:py:class:`~monai_wsss.data.SliceLabels`); ``None``: derived from
+            each item's ``seg``.
 
     Raises:
         ValueError: a pipeline with ``threshold="average_otsu"``, ``healthy_percentile`` outside ``(0, 100)``.
@@ -88,6 +92,7 @@ class PseudoMaskGenerator:
         fill_holes: bool = True,
         source_name: str = "source",
         healthy_percentile: float | None = None,
+        labels: SliceLabels | None = None,
     ) -> None:
         if healthy_percentile is not None and not 0 < float(healthy_percentile) < 100:
             raise ValueError(f"healthy_percentile must lie in (0, 100) or be None, got {healthy_percentile!r}.")
@@ -98,6 +103,7 @@ class PseudoMaskGenerator:
                 "not 'average_otsu'."
             )
         self.pipeline = pipeline
+        self.labels = labels
         self.preset = pipeline.preset
         self.fill_holes = bool(fill_holes)
         self.source_name = str(source_name)
@@ -119,15 +125,16 @@ class PseudoMaskGenerator:
             "pipeline": self.pipeline.run_settings(),
             "fill_holes": self.fill_holes,
             "healthy_percentile": self.healthy_percentile,
+            "labels": None if self.labels is None else self.labels.digest(),
         }
 
-    def healthy_reference(self, image: torch.Tensor, label: torch.Tensor, case: str = "") -> float:
+    def healthy_reference(self, image: torch.Tensor, healthy: torch.Tensor, case: str = "") -> float:
         """
         The ``healthy_percentile``-th percentile of the body intensities (``image != 0``) on the healthy slices.
 
         Args:
             image: ``(1, H, W, D)`` image as the pipeline loads it (0 outside the body).
-            label: image-level labels of the slices along the task's slice axis, ``(n_slices,)``.
+            healthy: bool ``(n_slices,)`` along the task's slice axis: the slices labelled 0 (no target).
             case: case id for the error message.
 
         Raises:
@@ -138,61 +145,75 @@ class PseudoMaskGenerator:
         slices = convert_to_tensor(image, track_meta=False)[0].movedim(self.preset.slice_axis, 0).float()
         body = slices != 0
         enough_body = slice_foreground_fraction(image, self.preset.slice_axis) >= self.preset.min_body_fraction
-        healthy = ~label & enough_body
+        healthy = healthy.bool() & enough_body
         if not healthy.any():
             raise ValueError(
                 f"case {case}: no slice labelled healthy with body fraction >= {self.preset.min_body_fraction}, so "
-                "there is no healthy intensity reference; set healthy_percentile=None for this data."
+                "there is no healthy intensity reference; set healthy_percentile=None (bundles: "
+                "--pseudo_healthy_percentile null) for this data."
             )
         values, inside = slices[healthy].reshape(1, -1), body[healthy].reshape(1, -1)
         return float(masked_percentile(values, inside, self.healthy_percentile)[0])
 
-    def slice_labels(self, seg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def slice_labels(self, data: Mapping, case: str) -> torch.Tensor:
         """
-        The image-level labels of the slices of a binary ``(1, H, W, D)`` mask along the task's slice axis.
+        The image-level labels of a loaded volume's slices along the task's slice axis: from ``labels`` when given,
+        else from the binary ``data["seg"]`` by the task's rule.
 
         Returns:
-            ``(label, ambiguous)``, two bool tensors ``(n_slices,)``.
+            int64 ``(n_slices,)``: 0, 1, or :py:data:`~monai_wsss.data.UNLABELLED` (-1; ambiguous under the rule).
         """
-        s = convert_to_tensor(seg, track_meta=False)[0].movedim(self.preset.slice_axis, 0)
+        axis = self.preset.slice_axis
+        if self.labels is not None:
+            return self.labels.for_case(case, int(data["image"].shape[axis + 1]))
+        s = convert_to_tensor(data["seg"], track_meta=False)[0].movedim(axis, 0)
         counts = (s != 0).flatten(1).sum(1).tolist()
         total = int(s[0].numel())
         labels = [self.labeler.from_counts(int(c), total) for c in counts]
-        return torch.tensor([lab for lab, _ in labels], dtype=torch.bool), torch.tensor([a for _, a in labels])
+        return torch.tensor([UNLABELLED if ambiguous else lab for lab, ambiguous in labels], dtype=torch.int64)
 
     def __call__(self, item: Mapping) -> dict:
         """
         The pseudo-mask of one case.
 
         Args:
-            item: ``{"image": path, "seg": path[, "case": id]}``.
+            item: ``{"image": path, "case": id[, "seg": path]}`` (``seg`` only without ``labels``).
 
         Returns:
-            the pipeline's loaded data with ``pseudo`` (uint8 ``(1, H, W, D)`` MetaTensor in the image's space),
-            ``slice_label`` and ``slice_ambiguous`` (bool ``(n_slices,)``).
+            the pipeline's loaded data with ``pseudo`` (uint8 ``(1, H, W, D)`` MetaTensor in the image's space) and
+            ``slice_label`` (int64 ``(n_slices,)``: 0, 1, -1 unlabelled).
 
         Raises:
-            ValueError: an item without ``seg`` (the image-level labels come from it), and the pipeline's errors.
+            ValueError: without ``labels``, an item without ``seg`` (the message names ``--labels``); with them, a
+                label beyond the scan's last slice; and the pipeline's errors.
         """
-        if not item.get("seg"):
-            raise ValueError(f"case {item.get('case', item.get('image'))}: pseudo-masks need 'seg' for the slice labels.")
-        data = self.pipeline.segment(item)
-        label, ambiguous = self.slice_labels(data["seg"])
+        case = str(item.get("case", item.get("image")))
+        if self.labels is None and not item.get("seg"):
+            raise ValueError(
+                f"case {case}: no slice labels and no pixel mask ('seg') to derive them from: pass --labels labels.csv."
+            )
+        data = self.pipeline.segment(item if self.labels is None else {k: v for k, v in item.items() if k != "seg"})
+        values = self.slice_labels(data, case)
+        not_negative = values != 0  # unlabelled slices keep the source's mask; training leaves them out
         axis = self.preset.slice_axis
         mask = convert_to_tensor(data["mask"], track_meta=False).clone()
         keep_shape = [1, 1, 1, 1]
         keep_shape[axis + 1] = -1
-        mask = mask * label.to(mask.dtype).reshape(keep_shape)  # negative slices: exactly empty
+        mask = mask * not_negative.to(mask.dtype).reshape(keep_shape)  # negative slices: exactly empty
         if self.healthy_percentile is not None:
-            case = str(item.get("case", item.get("image")))
             image = convert_to_tensor(data["image"], track_meta=False)
-            mask = mask * (image > self.healthy_reference(image, label, case)).to(mask.dtype)
+            try:
+                reference = self.healthy_reference(image, values == 0, case)
+            except ValueError as err:  # e.g. a target on every slice: this volume keeps the source's mask alone
+                logger.warning(f"{err} Using the source's mask without a healthy reference for case {case}.")
+            else:
+                mask = mask * (image > reference).to(mask.dtype)
         if self.fill_holes:
             per_slice = mask.movedim(axis + 1, 0)  # (n, 1, a, b)
             filled = [convert_to_tensor(self.hole_filler(s), track_meta=False) if s.any() else s for s in per_slice]
             mask = torch.stack(filled).movedim(0, axis + 1)
         data["pseudo"] = mask.to(torch.uint8)
-        data["slice_label"], data["slice_ambiguous"] = label, ambiguous
+        data["slice_label"] = values
         return data
 
     def generate(
@@ -202,7 +223,8 @@ class PseudoMaskGenerator:
         Write the pseudo-masks of ``items`` (missing ones only) and return the items with ``"pseudo"`` paths.
 
         Args:
-            items: datalist items with ``image``, ``seg`` and ``case`` (e.g. a bundle's training split).
+            items: datalist items with ``image`` and ``case`` (and ``seg`` without ``labels``), e.g. a bundle's
+                training split.
             output_dir: cache folder; the masks go to ``output_dir/<task>_<settings digest>/``.
             progress: tqdm bar over the volumes.
 
@@ -210,7 +232,8 @@ class PseudoMaskGenerator:
             copies of the items with ``"pseudo"``: the mask path.
 
         Raises:
-            ValueError: no items, an item without ``case`` / ``seg``, two items with the same case id.
+            ValueError: no items, an item without ``case`` (or ``seg`` without ``labels``), two items with the same
+                case id.
         """
         if not items:
             raise ValueError("no training volume to make pseudo-masks for (items is empty).")

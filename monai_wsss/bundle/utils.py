@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import atexit
 import gc
+import logging
 import os
 import re
 import warnings
@@ -16,15 +17,17 @@ import torch
 from monai.data import Dataset
 
 from monai_wsss.data import (
+    DATASET_LAYOUTS,
+    SliceLabels,
     TaskPreset,
-    build_brats_datalist,
-    build_chaos_datalist,
     load_datalist,
+    require_slice_labels,
     split_cases,
     write_datalist,
 )
 
 __all__ = [
+    "load_slice_labels",
     "prepare_splits",
     "select_slices",
     "latest_checkpoint",
@@ -36,7 +39,35 @@ __all__ = [
 ]
 
 #: task name of a bundle -> function listing the cases of a dataset folder
-BUNDLE_TASKS = {"brats": build_brats_datalist, "chaos": build_chaos_datalist}
+BUNDLE_TASKS = DATASET_LAYOUTS
+
+logger = logging.getLogger(__name__)
+
+
+def load_slice_labels(labels: str | os.PathLike | SliceLabels | None) -> SliceLabels | None:
+    """
+    The ``labels`` option of a training config: a labels CSV path (``case,slice,label``), parsed, or ``None``.
+
+    Args:
+        labels: path of the labels file, an already parsed :py:class:`~monai_wsss.data.SliceLabels`, or ``None`` /
+            ``""`` / ``"none"`` (no labels file: the slice labels come from the pixel masks by the task's rule).
+
+    Returns:
+        the labels, or ``None``.
+
+    Raises:
+        FileNotFoundError, ValueError: see :py:meth:`~monai_wsss.data.SliceLabels.from_csv` (file, line, value named).
+
+    Example::
+
+        >>> load_slice_labels(None) is None
+        True
+    """
+    if labels is None or isinstance(labels, SliceLabels):
+        return labels
+    if str(labels).strip().lower() in ("", "none", "null"):
+        return None
+    return SliceLabels.from_csv(labels)
 
 
 def prepare_splits(
@@ -46,6 +77,9 @@ def prepare_splits(
     test_fraction: float = 0.2,
     seed: int = 0,
     datalist_file: str | os.PathLike | None = None,
+    labels: str | os.PathLike | SliceLabels | None = None,
+    allow_unlabelled_scans: bool = False,
+    keep_validation_masks: bool = False,
 ) -> dict[str, list[dict]]:
     """
     Case-level training / validation / test splits of a dataset, as the bundle configs use them.
@@ -63,12 +97,23 @@ def prepare_splits(
         test_fraction: fraction of cases for testing.
         seed: split seed.
         datalist_file: optional JSON file to write the splits to (parent folders are created).
+        labels: the slice labels (a labels CSV path or :py:class:`~monai_wsss.data.SliceLabels`): the weak
+            supervision. With them, no pixel mask of a training or validation scan is needed or read: their
+            ``seg`` entries are dropped (test scans keep theirs, to score the test split). Without them every
+            training and validation scan needs a mask, from which the labels are derived by the task's rule.
+        allow_unlabelled_scans: with ``labels``, a training or validation scan that no row names is left out
+            with a warning instead of being an error.
+        keep_validation_masks: with ``labels``, keep the validation scans' masks: model selection against pixel
+            masks (the configs' ``select_with_pixel_masks``), which is then no longer weakly supervised.
 
     Returns:
         ``{"training": [...], "validation": [...], "test": [...]}`` of ``{"image", "seg", "case"}`` items.
 
     Raises:
-        ValueError: unknown ``task``, or a datalist JSON without a ``"training"`` split.
+        ValueError: unknown ``task``, a datalist JSON without a ``"training"`` split, a labels file that names a
+            case the dataset does not hold (or, without ``allow_unlabelled_scans``, misses a training or
+            validation scan), or neither labels nor masks for a training or validation scan (the message names
+            ``--labels``).
         FileNotFoundError: ``dataset_dir`` does not exist (and the errors of the datalist builders).
 
     Example::
@@ -90,20 +135,54 @@ def prepare_splits(
         for name in ("validation", "test"):
             splits.setdefault(name, [])
     else:
-        items = BUNDLE_TASKS[task](path)
+        items = BUNDLE_TASKS[task](path, require_seg=False)
         splits = split_cases(items, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
+    labels = load_slice_labels(labels)
+    trained = [it for name in ("training", "validation") for it in splits[name]]
+    if labels is None:
+        require_slice_labels(trained, None, what="training/validation")
+        logger.info(
+            f"slice labels: derived from the pixel masks of the {len(trained)} training/validation scans by the "
+            f"{task} rule (>= 0.2 % of the slice: 1, none: 0, in between: unlabelled); no --labels given."
+        )
+    else:
+        labels.check_cases(
+            [str(it["case"]) for items in splits.values() for it in items],
+            required_cases=[str(it["case"]) for it in trained],
+            allow_unlabelled_scans=allow_unlabelled_scans,
+        )
+        for name in ("training", "validation"):  # labels only: no mask of these scans is read
+            drop = ("seg",) if name == "training" or not keep_validation_masks else ()
+            splits[name] = [{k: v for k, v in it.items() if k not in drop} for it in splits[name] if it["case"] in labels]
+        present = labels.label_values(it["case"] for it in splits["validation"])
+        if present != {0, 1}:
+            logger.warning(
+                f"the {len(splits['validation'])} validation scans carry only label(s) {sorted(present)} in "
+                f"{labels.source}: checkpoints chosen from labels alone need slices of both labels there (the slice "
+                "AUROC is undefined, the pseudo-mask Dice says little); change --split_seed or --val_fraction."
+            )
+        read = "validation masks kept for selection (select_with_pixel_masks)" if keep_validation_masks else (
+            "pixel masks of the training and validation scans are not read")
+        logger.info(f"slice labels: {labels.source} ({len(labels)} scans); {read}.")
+    if keep_validation_masks:
+        require_slice_labels(splits["validation"], None, what="validation (select_with_pixel_masks)")
     if datalist_file is not None:
         write_datalist(datalist_file, splits)
     return splits
 
 
 def select_slices(
-    dataset: Sequence[Mapping], label: int | None = None, max_slices: int | None = None, seed: int = 0
+    dataset: Sequence[Mapping],
+    label: int | None = None,
+    max_slices: int | None = None,
+    seed: int = 0,
+    balanced: bool = False,
 ) -> Dataset:
     """
     A fixed subset of a slice dataset, e.g. the positive validation slices that the weakly supervised Dice is
     computed on (Dice is undefined on slices without target, and running a diffusion map on every slice each
-    validation round is slow on a CPU).
+    validation round is slow on a CPU), or, with ``balanced``, as many slices of each label as possible up to half
+    of ``max_slices`` each (a slice-level AUROC against the labels needs both).
 
     Args:
         dataset: slice dicts with a ``"label"`` entry (e.g. from :py:func:`~monai_wsss.data.build_slice_dataset`).
@@ -111,6 +190,7 @@ def select_slices(
         max_slices: keep at most this many, drawn without replacement with ``seed`` (``None`` or 0: all), in
             their original order.
         seed: seed of the draw, so every validation round sees the same slices.
+        balanced: with ``label=None``, draw the labels 0 and 1 separately, ``max_slices // 2`` each at most.
 
     Returns:
         a MONAI ``Dataset`` of the selected slice dicts.
@@ -135,6 +215,11 @@ def select_slices(
         items = [item for item in items if int(item["label"]) == int(label)]
     if not items:
         raise ValueError(f"no slice to select (label={label}, dataset of {len(dataset)} slices).")
+    if balanced and label is None and max_slices:
+        groups = [[i for i, it in enumerate(items) if int(it["label"]) == v] for v in (0, 1)]
+        rng = np.random.default_rng(seed)
+        keep = [g if len(g) <= max_slices // 2 else list(rng.choice(g, size=max_slices // 2, replace=False)) for g in groups]
+        return Dataset(data=[items[i] for i in sorted(int(i) for g in keep for i in g)])
     if max_slices and len(items) > max_slices:
         keep = np.sort(np.random.default_rng(seed).choice(len(items), size=max_slices, replace=False))
         items = [items[i] for i in keep]

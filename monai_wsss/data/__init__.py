@@ -3,6 +3,7 @@
 """Dataset builders (BraTS, Decathlon Task01, CHAOS), case-level splits, datalists, slice datasets, synthetic data."""
 
 from monai_wsss.data.datalist import (
+    DATASET_LAYOUTS,
     SPLIT_KEYS,
     build_brats_datalist,
     build_chaos_datalist,
@@ -15,12 +16,19 @@ from monai_wsss.data.slice_dataset import (
     TASKS,
     TaskPreset,
     build_slice_dataset,
+    require_slice_labels,
     volume_preprocess,
     volume_to_slices,
 )
+from monai_wsss.data.slice_labels import LABELS_HEADER, UNLABELLED, SliceLabels, labels_from_masks
 from monai_wsss.data.synthetic import make_synthetic_dataset, synthetic_brain_volume
 
 __all__ = [
+    "DATASET_LAYOUTS",
+    "LABELS_HEADER",
+    "UNLABELLED",
+    "SliceLabels",
+    "labels_from_masks",
     "SLICE_SPLITS",
     "SPLIT_KEYS",
     "TASKS",
@@ -30,6 +38,7 @@ __all__ = [
     "build_slice_dataset",
     "load_datalist",
     "make_synthetic_dataset",
+    "require_slice_labels",
     "split_cases",
     "synthetic_brain_volume",
     "volume_preprocess",

@@ -16,6 +16,7 @@ import torch
 from monai.data import Dataset, PersistentDataset
 from monai.transforms import AsDiscreted, Compose, MapTransform, Transform
 
+from monai_wsss.data.slice_labels import UNLABELLED, SliceLabels
 from monai_wsss.transforms.intensity import ScaleIntensityNonzeroPercentilesd
 from monai_wsss.transforms.io import LoadVolumed
 from monai_wsss.transforms.model_space import model_space_transform
@@ -29,6 +30,7 @@ __all__ = [
     "TASKS",
     "TaskPreset",
     "build_slice_dataset",
+    "require_slice_labels",
     "volume_preprocess",
     "volume_to_slices",
 ]
@@ -215,7 +217,7 @@ def volume_to_slices(
         extra_steps += [AsDiscreted(extra, threshold=0.5)]
     return ReadableErrorsCompose(
         [
-            _RequireKeysd(["image", "seg", *extra]),
+            _RequireKeysd(["image", *extra]),
             volume_preprocess(preset),
             *extra_steps,
             SliceVolumed(
@@ -223,14 +225,16 @@ def volume_to_slices(
                 slice_axis=preset.slice_axis,
                 foreground_key="image",
                 fraction_key="body_fraction",
+                allow_missing_keys=True,
             ),
             WeakSliceLabeld(
                 "seg",
                 fraction_key="target_fraction",
                 min_pixels=preset.positive_min_pixels,
                 min_fraction=preset.positive_min_fraction,
+                allow_missing_keys=True,
             ),
-            model_space_transform(spatial_size, seg_keys=["seg", *extra]),
+            model_space_transform(spatial_size, seg_keys=["seg", *extra], allow_missing_keys=True),
         ]
     )
 
@@ -260,6 +264,8 @@ class _UnwrappedErrors(torch.utils.data.Dataset):
 
 _SCALAR_KEYS = {"label": torch.int64, "ambiguous": torch.bool, "slice_index": torch.int64,
                 "body_fraction": torch.float32, "target_fraction": torch.float32}
+# the mask-derived scalars of a slice without mask: unlabelled until a labels file names it
+_NO_MASK = {"label": UNLABELLED, "ambiguous": False, "target_fraction": float("nan")}
 
 
 class _CaseToPackedSlices(Transform):
@@ -277,12 +283,13 @@ class _CaseToPackedSlices(Transform):
         slices = self.to_slices(dict(item))
         if not slices:
             raise ValueError(f"case {item.get('case', '?')} produced no slice.")
+        arrays = [k for k in self.arrays if k in slices[0]]  # no "seg" for a case known by its labels only
         packed = {k: v for k, v in slices[0].items() if k not in _SCALAR_KEYS and k not in self.arrays}
-        packed["_arrays"] = list(self.arrays)
-        for key in self.arrays:
+        packed["_arrays"] = arrays
+        for key in arrays:
             packed[key] = torch.stack([torch.as_tensor(s[key]).as_subclass(torch.Tensor) for s in slices]).float()
         for key, dtype in _SCALAR_KEYS.items():
-            packed[key] = torch.tensor([s[key] for s in slices], dtype=dtype)
+            packed[key] = torch.tensor([s[key] if key in s else _NO_MASK[key] for s in slices], dtype=dtype)
         return packed
 
 
@@ -304,6 +311,8 @@ def _unpack(packed: Mapping) -> list[dict]:
 def _keep(item: Mapping, preset: TaskPreset, split: str) -> bool:
     if split == "all":
         return True
+    if item["label"] == UNLABELLED:  # no label: nothing to train on or to validate against
+        return False
     if item["body_fraction"] <= 0 or item["body_fraction"] < preset.min_body_fraction:
         return False
     if split == "train":
@@ -336,6 +345,7 @@ def build_slice_dataset(
     transform: Callable | None = None,
     num_workers: int = 0,
     extra_mask_keys: Sequence[str] = (),
+    labels: SliceLabels | None = None,
 ) -> Dataset:
     """
     Build the weakly labelled 2D slice dataset of a list of cases.
@@ -361,6 +371,11 @@ def build_slice_dataset(
         num_workers: worker processes reading cases (0: in this process).
         extra_mask_keys: further binary masks of each item to slice alongside ``seg`` (e.g. ``("pseudo",)``,
             pseudo-masks for a second-stage segmentation network); see :py:func:`volume_to_slices`.
+        labels: the slices' image-level labels from a labels file (:py:class:`~monai_wsss.data.SliceLabels`). With
+            them the items need no ``seg``: every slice takes its label from the file and slices it does not
+            name are dropped from ``"train"`` and ``"eval"`` (``"all"`` keeps them with ``label = -1``). Without
+            them the labels come from each item's ``seg`` by the task's rule (0.2 % of the slice: 1, none: 0, in
+            between: ambiguous, dropped from training).
 
     Returns:
         a MONAI ``Dataset`` of slice dicts: ``image`` (1, h, w) float32 in [-1, 1], ``seg`` (1, h, w) float32
@@ -370,8 +385,10 @@ def build_slice_dataset(
         (MetaTensors) or work on volumes with ``VolumeInferer``.
 
     Raises:
-        ValueError: unknown task or split, empty ``items``, an item without ``case`` / ``image`` / ``seg``, and
-            every bad-input error of :py:func:`volume_preprocess` (naming the file).
+        ValueError: unknown task or split, empty ``items``, an item without ``case`` / ``image``, an item without
+            ``seg`` when no ``labels`` are given (the message names ``--labels``), a label row beyond the end of
+            its scan (naming the labels file and line), and every bad-input error of :py:func:`volume_preprocess`
+            (naming the file).
 
     Example::
 
@@ -392,6 +409,7 @@ def build_slice_dataset(
     for i, item in enumerate(items):
         if not isinstance(item, Mapping) or "case" not in item:
             raise ValueError(f"item {i} must be a dict with a 'case' key, got {item!r}.")
+    require_slice_labels(items, labels)
     extra = tuple(str(k) for k in extra_mask_keys)
     per_case = Compose([_CaseToPackedSlices(preset, size, extra)])
     if cache_dir is not None:
@@ -412,5 +430,38 @@ def build_slice_dataset(
     else:
         case_iter = (case_ds[i] for i in range(len(case_ds)))
     for packed in case_iter:
-        slices.extend(s for s in _unpack(packed) if _keep(s, preset, split))
+        case_slices = _unpack(packed)
+        if labels is not None:
+            _apply_labels(case_slices, labels, str(packed["case"]))
+        slices.extend(s for s in case_slices if _keep(s, preset, split))
     return Dataset(data=slices, transform=transform)
+
+
+def _apply_labels(slices: list[dict], labels: SliceLabels, case: str) -> None:
+    """Set each slice's ``label`` from a labels file (``ambiguous`` False: the file decides, slice by slice)."""
+    values = labels.for_case(case, len(slices)).tolist()
+    for s in slices:
+        s["label"], s["ambiguous"] = values[s["slice_index"]], False
+
+
+def require_slice_labels(items: Sequence[Mapping], labels: SliceLabels | None, what: str = "training") -> None:
+    """
+    Refuse items that carry neither a pixel mask nor slice labels, with the message that names ``--labels``.
+
+    Args:
+        items: datalist items.
+        labels: the slice labels (``None``: the labels must come from each item's ``seg`` mask).
+        what: what the items are for, in the message.
+
+    Raises:
+        ValueError: ``labels`` is ``None`` and some item has no ``seg``.
+    """
+    if labels is not None:
+        return
+    missing = [str(it.get("case", it.get("image"))) for it in items if not it.get("seg")]
+    if missing:
+        raise ValueError(
+            f"{len(missing)} {what + ' ' if what else ''}scan(s) have no pixel mask ('seg') and no slice labels were given, e.g. "
+            f"{missing[:3]}: pass --labels labels.csv, a CSV with the header 'case,slice,label' (one row per "
+            "labelled slice; an empty slice labels the whole scan). From masks: python -m monai_wsss.data.labels."
+        )
