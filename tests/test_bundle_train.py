@@ -204,7 +204,7 @@ def test_two_process_gloo_training(datasets, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "val_dice" in result.stdout + result.stderr
+    assert "val_slice_auc" in result.stdout + result.stderr  # selection from the slice labels alone
     checkpoint = _load_state(tmp_path / "outputs" / "train_diffusion" / "checkpoints" / "checkpoint_epoch=2.pt")
     # each rank ran 2 iterations per epoch on its half of the data
     assert checkpoint["trainer"]["iteration"] == 4
@@ -281,6 +281,11 @@ def test_select_slices_is_a_fixed_subset():
     assert ids == [d["i"] for d in select_slices(data, label=1, max_slices=4, seed=1)]
     with pytest.raises(ValueError, match="no slice"):
         select_slices(data[:2], label=7)
+    # balanced: both labels, half each (the slice-level AUROC of labels-only selection needs both)
+    both = [int(d["label"]) for d in select_slices(data, max_slices=6, seed=2, balanced=True)]
+    assert sorted(both) == [0, 0, 0, 1, 1, 1]
+    few = [int(d["label"]) for d in select_slices(data, max_slices=26, balanced=True)]
+    assert few.count(1) == 10 and few.count(0) == 13  # all 10 positives, 13 of the 20 negatives
 
 
 def test_latest_checkpoint_skips_a_truncated_file(tmp_path):

@@ -21,6 +21,8 @@ from monai_wsss.transforms.weak_label import MapTargetLabels, MapTargetLabelsd, 
 # --- map post-processing (eval helper) ---
 from monai_wsss.transforms.postprocess import (
     CopyMetaFromd,
+    MapSliceScore,
+    MapSliceScored,
     NormalizeMap,
     oriented_map,
     NormalizeMapd,
@@ -52,6 +54,8 @@ __all__ = [
     "slice_foreground_fraction",
     # map post-processing
     "CopyMetaFromd",
+    "MapSliceScore",
+    "MapSliceScored",
     "NormalizeMap",
     "oriented_map",
     "NormalizeMapd",

@@ -45,6 +45,8 @@ from monai_wsss.transforms.io import SaveVolumed
 
 __all__ = [
     "oriented_map",
+    "MapSliceScore",
+    "MapSliceScored",
     "NormalizeMap",
     "NormalizeMapd",
     "OtsuThreshold",
@@ -74,6 +76,93 @@ def oriented_map(values: torch.Tensor, mode: str | None) -> torch.Tensor:
     if mode == "abs":
         return values.abs()
     return values
+
+
+class MapSliceScore(Transform):
+    """
+    One score per 2D map: a high quantile of its oriented values (:py:func:`oriented_map`) inside the body, so that
+    a map can be judged against the slice's image-level label alone (e.g. slice-level AUROC for model selection
+    without pixel masks: a map that lights up slices with target and stays flat on healthy ones scores well).
+
+    Args:
+        mode: reading of the map, as :py:func:`oriented_map` (``"signed"``, ``"abs"``, ``None``).
+        quantile: quantile in ``(0, 1]`` of the body values (0.99: robust to a few bright pixels).
+
+    Returns:
+        a ``(1,)`` float tensor (0 for a map without body pixels).
+
+    Raises:
+        ValueError: ``quantile`` outside ``(0, 1]``; a map that is not ``(1, H, W)``; a body of another shape.
+
+    Example::
+
+        >>> m = torch.zeros(1, 8, 8); m[0, :2, :2] = 1.0
+        >>> MapSliceScore("signed", quantile=1.0)(m)
+        tensor([1.])
+    """
+
+    backend = [TransformBackends.TORCH]
+
+    def __init__(self, mode: str | None = "signed", quantile: float = 0.99) -> None:
+        if not 0.0 < float(quantile) <= 1.0:
+            raise ValueError(f"quantile must lie in (0, 1], got {quantile}.")
+        self.mode = mode
+        self.quantile = float(quantile)
+
+    def __call__(self, img: NdarrayOrTensor, body_mask: NdarrayOrTensor | None = None) -> torch.Tensor:
+        values = convert_to_tensor(img, track_meta=False).float()
+        if values.ndim != 3 or values.shape[0] != 1:
+            raise ValueError(f"MapSliceScore expects a (1, H, W) map, got shape {tuple(values.shape)}.")
+        values = oriented_map(values, self.mode)
+        if body_mask is not None:
+            body = convert_to_tensor(body_mask, track_meta=False, device=values.device) != 0
+            if body.shape != values.shape:
+                raise ValueError(f"body mask of shape {tuple(body.shape)} does not match the map {tuple(values.shape)}.")
+            values = values[body]
+        if values.numel() == 0:
+            return torch.zeros(1)
+        return torch.quantile(values.flatten(), self.quantile).reshape(1).cpu()
+
+
+class MapSliceScored(MapTransform):
+    """
+    Dictionary wrapper of :py:class:`MapSliceScore`: replaces each map at ``keys`` by its ``(1,)`` score.
+
+    Args:
+        keys: keys of the maps.
+        mode: see :py:class:`MapSliceScore`.
+        quantile: see :py:class:`MapSliceScore`.
+        body_key: optional key of the body region (non-zero = inside).
+        allow_missing_keys: do not raise if a key is missing.
+
+    Raises:
+        ValueError: when ``body_key`` is given but missing, and as :py:class:`MapSliceScore`.
+
+    Example::
+
+        >>> MapSliceScored("pred", quantile=1.0)({"pred": torch.ones(1, 4, 4)})["pred"]
+        tensor([1.])
+    """
+
+    backend = MapSliceScore.backend
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        mode: str | None = "signed",
+        quantile: float = 0.99,
+        body_key: str | None = None,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.scorer = MapSliceScore(mode=mode, quantile=quantile)
+        self.body_key = body_key
+
+    def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.scorer(d[key], body_mask=_body_from(d, self.body_key))
+        return d
 
 
 def _check_item(img: NdarrayOrTensor, name: str) -> None:
