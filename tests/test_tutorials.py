@@ -17,7 +17,12 @@ nbclient = pytest.importorskip("nbclient")
 
 TUTORIALS = Path(__file__).resolve().parents[1] / "tutorials"
 NOTEBOOKS = sorted(TUTORIALS.glob("*.ipynb"))
-EXPECTED = {"01_cdm_end_to_end.ipynb", "02_three_inferers.ipynb", "03_brats_bundle_on_your_data.ipynb"}
+EXPECTED = {
+    "01_cdm_end_to_end.ipynb",
+    "02_three_inferers.ipynb",
+    "03_brats_bundle_on_your_data.ipynb",
+    "04_train_from_image_labels.ipynb",
+}
 
 _PROBE = "KERNEL_PYTHON="
 _NUMBER = r"(-?\d+\.\d+|nan)"
@@ -149,3 +154,12 @@ def test_tutorial_03_brats_bundle_on_your_data(tmp_path, monkeypatch):
     assert "same shape: True | same affine: True | mask dtype: uint8" in stdout
     assert 0.0 <= _value(stdout, "bundle cg_cdm slice Dice") <= 1.0
     assert _figures(nb) >= 2
+
+
+@pytest.mark.slow
+def test_tutorial_04_train_from_image_labels(tmp_path, monkeypatch):
+    _, _, stdout = _execute("04_train_from_image_labels.ipynb", tmp_path, monkeypatch)
+    assert "masks left: 0" in stdout
+    assert "refused:" in stdout and "pass --labels" in stdout
+    assert "same file as labels_from_masks(...).to_csv(...): True" in stdout
+    assert "label must be 0 or 1" in stdout and "out of range" in stdout
