@@ -276,7 +276,7 @@ def test_bad_inputs_name_the_file(tmp_path, case_files):
     # through the slice dataset the same errors surface unwrapped
     with pytest.raises(ValueError, match=r"cannot read .*cut_flair.nii.gz"):
         build_slice_dataset([{**case_files, "image": str(tmp_path / "cut_flair.nii.gz")}], "brats")
-    with pytest.raises(ValueError, match=r"case c has no 'seg'"):
+    with pytest.raises(ValueError, match=r"^1 scan\(s\) have no pixel mask \('seg'\) .*\['c'\]: pass --labels"):
         build_slice_dataset([{"image": case_files["image"], "case": "c"}], "brats")
 
 

@@ -444,7 +444,7 @@ def _apply_labels(slices: list[dict], labels: SliceLabels, case: str) -> None:
         s["label"], s["ambiguous"] = values[s["slice_index"]], False
 
 
-def require_slice_labels(items: Sequence[Mapping], labels: SliceLabels | None, what: str = "training") -> None:
+def require_slice_labels(items: Sequence[Mapping], labels: SliceLabels | None, what: str = "") -> None:
     """
     Refuse items that carry neither a pixel mask nor slice labels, with the message that names ``--labels``.
 
