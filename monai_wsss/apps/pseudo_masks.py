@@ -24,11 +24,10 @@ from monai.transforms import FillHoles
 from monai.utils import convert_to_tensor, optional_import
 
 from monai_wsss.apps.pipeline import VolumeSegmentationPipeline
-from monai_wsss.data.slice_labels import UNLABELLED, SliceLabels
+from monai_wsss.data.slice_labels import SliceLabels, mask_slice_labels
 from monai_wsss.inferers.threshold import masked_percentile
 from monai_wsss.transforms.io import SaveVolumed, write_text_atomic
 from monai_wsss.transforms.slicing import slice_foreground_fraction
-from monai_wsss.transforms.weak_label import WeakSliceLabel
 
 tqdm, has_tqdm = optional_import("tqdm", name="tqdm")
 
@@ -107,9 +106,6 @@ class PseudoMaskGenerator:
         self.preset = pipeline.preset
         self.fill_holes = bool(fill_holes)
         self.source_name = str(source_name)
-        self.labeler = WeakSliceLabel(
-            min_pixels=self.preset.positive_min_pixels, min_fraction=self.preset.positive_min_fraction
-        )
         self.hole_filler = FillHoles()
 
     def settings(self) -> dict:
@@ -163,14 +159,9 @@ class PseudoMaskGenerator:
         Returns:
             int64 ``(n_slices,)``: 0, 1, or :py:data:`~monai_wsss.data.UNLABELLED` (-1; ambiguous under the rule).
         """
-        axis = self.preset.slice_axis
         if self.labels is not None:
-            return self.labels.for_case(case, int(data["image"].shape[axis + 1]))
-        s = convert_to_tensor(data["seg"], track_meta=False)[0].movedim(axis, 0)
-        counts = (s != 0).flatten(1).sum(1).tolist()
-        total = int(s[0].numel())
-        labels = [self.labeler.from_counts(int(c), total) for c in counts]
-        return torch.tensor([UNLABELLED if ambiguous else lab for lab, ambiguous in labels], dtype=torch.int64)
+            return self.labels.for_case(case, int(data["image"].shape[self.preset.slice_axis + 1]))
+        return mask_slice_labels(convert_to_tensor(data["seg"], track_meta=False), self.preset)
 
     def __call__(self, item: Mapping) -> dict:
         """

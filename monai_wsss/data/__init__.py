@@ -20,7 +20,7 @@ from monai_wsss.data.slice_dataset import (
     volume_preprocess,
     volume_to_slices,
 )
-from monai_wsss.data.slice_labels import LABELS_HEADER, UNLABELLED, SliceLabels, labels_from_masks
+from monai_wsss.data.slice_labels import LABELS_HEADER, UNLABELLED, SliceLabels, labels_from_masks, mask_slice_labels
 from monai_wsss.data.synthetic import make_synthetic_dataset, synthetic_brain_volume
 
 __all__ = [
@@ -38,6 +38,7 @@ __all__ = [
     "build_slice_dataset",
     "load_datalist",
     "make_synthetic_dataset",
+    "mask_slice_labels",
     "require_slice_labels",
     "split_cases",
     "synthetic_brain_volume",

@@ -28,7 +28,7 @@ import torch
 
 from monai_wsss.transforms.io import write_text_atomic
 
-__all__ = ["LABELS_HEADER", "UNLABELLED", "SliceLabels", "labels_from_masks"]
+__all__ = ["LABELS_HEADER", "UNLABELLED", "SliceLabels", "labels_from_masks", "mask_slice_labels"]
 
 logger = logging.getLogger(__name__)
 
@@ -319,6 +319,34 @@ class SliceLabels:
         return f"SliceLabels({len(self)} cases from {self.source})"
 
 
+def mask_slice_labels(seg: torch.Tensor, task="brats") -> torch.Tensor:
+    """
+    The label of every slice of one binary ``(1, H, W, D)`` target mask by the task's documented rule.
+
+    The rule (:py:class:`~monai_wsss.transforms.WeakSliceLabel` with the task preset's thresholds): a slice whose
+    target covers at least ``positive_min_fraction`` of the slice (and ``positive_min_pixels``) is 1, a slice without
+    any target pixel 0, a slice in between :py:data:`UNLABELLED`. Slices run along the preset's ``slice_axis``.
+
+    Returns:
+        int64 ``(n_slices,)`` of 0, 1 and -1.
+
+    Example::
+
+        >>> m = torch.zeros(1, 40, 40, 3); m[0, :5, :5, 1] = 1; m[0, 0, 0, 2] = 1  # 0.2 % of 40 x 40 is 3.2 pixels
+        >>> mask_slice_labels(m, "brats").tolist()
+        [0, 1, -1]
+    """
+    from monai_wsss.data.slice_dataset import _preset
+    from monai_wsss.transforms.weak_label import WeakSliceLabel
+
+    preset = _preset(task)
+    rule = WeakSliceLabel(min_pixels=preset.positive_min_pixels, min_fraction=preset.positive_min_fraction)
+    slices = torch.as_tensor(seg).as_subclass(torch.Tensor)[0].movedim(preset.slice_axis, 0)
+    total = int(slices[0].numel())
+    labels = [rule.from_counts(int(c), total) for c in (slices != 0).flatten(1).sum(1).tolist()]
+    return torch.tensor([UNLABELLED if ambiguous else lab for lab, ambiguous in labels], dtype=torch.int64)
+
+
 def labels_from_masks(items: Sequence[Mapping], task="brats", progress: bool = False) -> SliceLabels:
     """
     The slice labels of pixel masks by the task's documented rule, as a labels file would hold them.
@@ -351,7 +379,7 @@ def labels_from_masks(items: Sequence[Mapping], task="brats", progress: bool = F
 
     from monai_wsss.data.slice_dataset import _preset
     from monai_wsss.transforms.io import LoadVolumed
-    from monai_wsss.transforms.weak_label import MapTargetLabelsd, WeakSliceLabel
+    from monai_wsss.transforms.weak_label import MapTargetLabelsd
 
     preset = _preset(task)
     load = Compose(
@@ -360,7 +388,6 @@ def labels_from_masks(items: Sequence[Mapping], task="brats", progress: bool = F
             MapTargetLabelsd("seg", target_labels=preset.target_labels, allowed_labels=preset.allowed_labels),
         ]
     )
-    rule = WeakSliceLabel(min_pixels=preset.positive_min_pixels, min_fraction=preset.positive_min_fraction)
     rows, seen = [], set()
     for i, item in enumerate(items):
         case = item.get("case")
@@ -369,18 +396,10 @@ def labels_from_masks(items: Sequence[Mapping], task="brats", progress: bool = F
         if str(case) in seen:
             raise ValueError(f"case {case!r} appears twice among the items.")
         seen.add(str(case))
-        seg = torch.as_tensor(load({"seg": item["seg"]})["seg"]).as_subclass(torch.Tensor)
-        slices = seg[0].movedim(preset.slice_axis, 0)
-        counts = (slices != 0).flatten(1).sum(1).tolist()
-        total = int(slices[0].numel())
-        n_pos = n_neg = 0
-        for index, count in enumerate(counts):
-            label, ambiguous = rule.from_counts(int(count), total)
-            if not ambiguous:
-                rows.append((str(case), index, label, 0))
-                n_pos, n_neg = n_pos + label, n_neg + (1 - label)
+        values = mask_slice_labels(load({"seg": item["seg"]})["seg"], preset).tolist()
+        rows += [(str(case), index, label, 0) for index, label in enumerate(values) if label != UNLABELLED]
         if progress:
-            print(f"{case}: {n_pos} slices 1, {n_neg} slices 0, {len(counts) - n_pos - n_neg} unlabelled")
+            print(f"{case}: {values.count(1)} slices 1, {values.count(0)} slices 0, {values.count(UNLABELLED)} unlabelled")
     rule_text = f"{100 * preset.positive_min_fraction:g} % of the slice" if preset.positive_min_fraction else ""
     if preset.positive_min_pixels:
         rule_text += f"{' and ' if rule_text else ''}{preset.positive_min_pixels} pixels"
