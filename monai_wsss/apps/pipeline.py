@@ -3,9 +3,7 @@
 
 from __future__ import annotations
 
-import hashlib
 import inspect
-import json
 import logging
 import math
 import os
@@ -14,18 +12,21 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from monai.transforms import LoadImage, RemoveSmallObjects
+from monai.data import DataLoader, Dataset
+from monai.engines import SupervisedEvaluator
+from monai.transforms import Compose, RemoveSmallObjects
 from monai.utils import convert_to_tensor
 
 import monai_wsss
-from monai_wsss.apps.reports import VolumeEvaluation, save_overlay, write_csv, write_summary_markdown
-from monai_wsss.apps.run_folder import RunFolder, state_dict_checksum, unique_output_stems
+from monai_wsss.apps.run_folder import RunFolder, component_settings, name_run_items
 from monai_wsss.data import TASKS, TaskPreset, volume_preprocess
+from monai_wsss.data.slice_dataset import _UnwrappedErrors
+from monai_wsss.engines import SegmentationPrepareBatch
+from monai_wsss.handlers import DatasetThresholdHandler, RunFolderHandler, VolumeReportHandler
 from monai_wsss.inferers import SliceProbabilityInferer, VolumeInferer
 from monai_wsss.networks.precision import AutocastNetwork
-from monai_wsss.transforms import NormalizeMap, OtsuThreshold, map_writer, otsu_thresholds, write_text_atomic
+from monai_wsss.transforms import NormalizeMap, OtsuThreshold, map_writer
 
 __all__ = ["VolumeSegmentationPipeline", "THRESHOLD_MODES"]
 
@@ -45,13 +46,6 @@ def _preset(task: str | TaskPreset) -> TaskPreset:
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}, expected one of {sorted(TASKS)} or a TaskPreset.")
     return TASKS[task]
-
-
-def _finite(x: Any) -> Any:
-    """JSON-friendly value: nan / inf floats become None."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
 
 
 class VolumeSegmentationPipeline:
@@ -236,7 +230,10 @@ class VolumeSegmentationPipeline:
             largest_component=self.largest_component,
         )
         body = convert_to_tensor(image, track_meta=False)
-        mask = convert_to_tensor(thresholder(map01, body_mask=body), track_meta=False)
+        return self.gate_and_filter(convert_to_tensor(thresholder(map01, body_mask=body), track_meta=False), image)
+
+    def gate_and_filter(self, mask: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        """The volume-aware steps after thresholding: the slice gate, then the 3D component filter (when set)."""
         if self.gate is not None:
             mask = mask * self.slice_mask(image).to(mask.dtype)
         if self.component_filter is not None:
@@ -350,28 +347,14 @@ class VolumeSegmentationPipeline:
         Returns:
             a JSON-able dict.
         """
-        plain = (bool, int, float, str, type(None))
-
-        def settings_of(obj: Any) -> dict:
-            out: dict[str, Any] = {}
-            for key, value in sorted(vars(obj).items()):
-                if key.startswith("_"):
-                    continue
-                if isinstance(value, plain) or (
-                    isinstance(value, (tuple, list)) and all(isinstance(v, plain) for v in value)
-                ):
-                    out[key] = value
-                elif isinstance(value, torch.nn.Module):
-                    out[f"{key}_sha256"] = state_dict_checksum(value)
-                elif isinstance(value, torch.Tensor) and value.numel() <= 1 << 16:
-                    out[f"{key}_sha256"] = hashlib.sha256(value.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
-            return out
-
+        pipeline = component_settings(self)
+        pipeline.pop("class", None)
+        inferer = component_settings(self.inferer)
         return {
             "package": f"monai_wsss {monai_wsss.__version__}",
             "task": repr(self.preset),
-            "pipeline": settings_of(self),
-            "inferer": {"class": type(self.inferer).__name__, **settings_of(self.inferer)},
+            "pipeline": pipeline,
+            "inferer": inferer,
             "roi_size": list(self.volume_inferer.roi_size),
             "sw_batch_size": int(self.volume_inferer.sw_batch_size),
             "device": self.device.type,
@@ -400,7 +383,7 @@ class VolumeSegmentationPipeline:
         Every file is written under a temporary name and renamed into place, so a killed run never leaves a
         truncated file under a final name. ``run_manifest.json`` records the inputs (with checksums), the settings
         and each file written (:py:class:`~monai_wsss.apps.RunFolder`): a rerun with the same inputs and settings
-        resumes (maps already written are kept; masks and reports are written again); a folder of another run is
+        resumes (maps, and masks under a fixed threshold, already written are kept; reports are written again); a folder of another run is
         refused unless ``overwrite``, which deletes that run's files first. The folder is checked (writable, owned
         by this run) and the settings are checked before any volume is computed.
 
@@ -422,12 +405,7 @@ class VolumeSegmentationPipeline:
                 bad-input error of the steps (naming the file).
             RunFolderError: ``output_dir`` is not writable or holds another run's results (a ``ValueError``).
         """
-        items = [{"image": str(it)} if isinstance(it, (str, os.PathLike)) else dict(it) for it in items]
-        if not items:
-            raise ValueError("no volume to segment (items is empty).")
-        for i, item in enumerate(items):
-            if "image" not in item:
-                raise ValueError(f"item {i} {item!r} has no 'image'.")
+        items = name_run_items(items)
         if evaluate:
             missing = [str(it.get("case", it.get("image"))) for it in items if not it.get("seg")]
             if missing:
@@ -436,136 +414,111 @@ class VolumeSegmentationPipeline:
         num_overlays, overlay_slices = int(num_overlays), int(overlay_slices)
         if num_overlays < 0 or overlay_slices < 1:
             raise ValueError(f"`num_overlays` must be >= 0 and `overlay_slices` >= 1, got {num_overlays}, {overlay_slices}.")
-        # output names and case ids unique within the run: two images with one file name must not share a file
-        stems = unique_output_stems(items)
-        for item, stem in zip(items, stems):
-            item.setdefault("case", stem)
-        cases = [str(it["case"]) for it in items]
-        if len(set(cases)) != len(cases):
-            cases = stems
-            for item, stem in zip(items, stems):
-                item["case"] = stem
         out = Path(output_dir)
-        folder = RunFolder(
-            out, items, self.run_settings(evaluate=bool(evaluate), num_overlays=num_overlays,
-                                          overlay_slices=overlay_slices, title=title), overwrite=overwrite,
-        ).open()
+        settings = self.run_settings(evaluate=bool(evaluate), num_overlays=num_overlays, overlay_slices=overlay_slices, title=title)
+        folder = RunFolder(out, items, settings, overwrite=overwrite).open()
+        evaluator = self.evaluator(folder, evaluate=evaluate, num_overlays=num_overlays, overlay_slices=overlay_slices, title=title)
+        evaluator.run()
+        state = evaluator.state
+        threshold: str | float = getattr(state, "dataset_threshold", None) or self.threshold
+        kept = len(items) - len(evaluator.data_loader.dataset) if evaluator.data_loader is not None else 0
+        if folder.resumed and kept:
+            logger.info(f"{out}: {kept} of {len(items)} maps kept from the interrupted run")
+        files = {"predictions": str(out / "predictions.csv"), "manifest": str(folder.manifest_path)}
+        if evaluate:
+            files.update(metrics=str(out / "metrics.csv"), summary_md=str(out / "summary.md"), summary_json=str(out / "summary.json"))
+        return {
+            "rows": list(getattr(state, "predictions", [])),
+            "summary": getattr(state, "summary", None),
+            "threshold": threshold,
+            "files": files,
+            "resumed": folder.resumed,
+        }
+
+    def evaluator(
+        self,
+        folder: RunFolder,
+        evaluate: bool = False,
+        num_overlays: int = 0,
+        overlay_slices: int = 3,
+        title: str | None = None,
+    ) -> SupervisedEvaluator:
+        """
+        The MONAI ``SupervisedEvaluator`` of a :py:meth:`run` into an opened ``folder``: the volumes still to compute
+        (:py:meth:`RunFolder.pending`) loaded by :py:attr:`preprocess`, the map from :py:meth:`predict`, normalised
+        and thresholded as :py:meth:`segment` does, written by ``SaveVolumed``; the run folder, dataset-level
+        threshold and report handlers of :py:mod:`monai_wsss.handlers` (what the bundles' ``inference.json`` wires
+        from the same classes).
+
+        Returns:
+            the evaluator (call ``.run()``).
+        """
         dataset_level = self.threshold == "average_otsu"
-        evaluation = VolumeEvaluation(self.slice_axis, self.preset.eval_min_fraction) if evaluate else None
-        # with evaluation the raw map is scored (AUROC); it is on disk only when the map is not normalised
-        reuse_maps = evaluation is None or self.normalizer is None
+        out = folder.path
+        run_handler = RunFolderHandler(folder, map_key="map", threshold=None if dataset_level else self.threshold)
+        handlers: list[Any] = [run_handler]
+        report = None
+        if evaluate:
+            report = VolumeReportHandler(
+                self.slice_axis, str(out), self.preset.eval_min_fraction, score_key="raw_map", map_key="map",
+                num_overlays=num_overlays, overlay_slices=overlay_slices, title=title or type(self.inferer).__name__,
+                notes=self.describe(), run_folder=folder, preprocessing=self.preprocess,
+                threshold=None if dataset_level else self.threshold,
+            )
         write_map = map_writer(out, map_key="map", mask_key=None)
         write_mask = map_writer(out, map_key=None, mask_key="mask")
-        load_map = LoadImage(image_only=True, ensure_channel_first=True, dtype=np.float32)
-        rows: list[dict] = []
-        unit_thresholds: list[np.ndarray] = []
-        drawn = [0]  # overlays drawn so far
-        seconds_of = folder.manifest.setdefault("seconds", {})
-
-        def finish(index: int, data: dict, threshold: str | float) -> None:
-            data["mask"] = self.binarize(data["map"], data["image"], threshold)
-            row = rows[index]
-            written = write_mask({"image": data["image"], "mask": data["mask"], "output_name": stems[index]})
-            folder.record(row["case"], "mask", written["mask_path"])
-            row["mask"] = written["mask_path"]
-            row["mask_voxels"] = int(data["mask"].sum())
-            if evaluation is not None:
-                spacing = [float(s) for s in convert_to_tensor(data["image"].pixdim).tolist()]
-                evaluation.add_mask(row["case"], data["mask"], data["seg"], spacing=spacing)
-            # with ground truth, draw the cases that have a target (a lesion-free overlay shows nothing)
-            worth_drawing = data.get("seg") is None or bool(convert_to_tensor(data["seg"]).any())
-            if drawn[0] < num_overlays and worth_drawing:
-                drawn[0] += 1
-                overlay = out / "overlays" / f"{row['case']}.png"
-                save_overlay(
-                    overlay, data["image"], data["map"], data["mask"], data.get("seg"),
-                    num_slices=overlay_slices, slice_axis=self.slice_axis, title=f"{row['case']}",
-                )
-                folder.record(row["case"], "overlay", overlay)
-                row["overlay"] = str(overlay)
-
-        num_reused = 0
-        for i, item in enumerate(items):
-            case = cases[i]
-            data = self.load(item)
-            kept = folder.recorded(case, "map") if reuse_maps else None
-            if kept is not None:  # resumed: this map was written completely by the same run
-                data["map"] = convert_to_tensor(load_map(str(kept)), track_meta=False)
-                raw = data["map"]
-                seconds = float(seconds_of.get(case, float("nan")))
-                map_path = str(kept)
-                num_reused += 1
-            else:
-                start = time.perf_counter()
-                raw = self.predict(data["image"])
-                data["map"] = self.normalize(raw, data["image"])
-                seconds = time.perf_counter() - start
-                seconds_of[case] = seconds
-                map_path = write_map({"image": data["image"], "map": data["map"], "output_name": stems[i]})["map_path"]
-                folder.record(case, "map", map_path)
-            rows.append({"case": case, "image": str(item["image"]), "map": map_path, "seconds": seconds})
-            if evaluation is not None:
-                evaluation.add_map(case, raw, data["seg"], body=data["image"])
-            if dataset_level:
-                unit_thresholds.append(otsu_thresholds(data["map"], data["image"], slice_axis=self.slice_axis))
-            else:
-                finish(i, data, self.threshold)
-            logger.info(
-                f"{case}: map {'kept from the interrupted run' if kept is not None else f'in {seconds:.1f} s'} "
-                f"({i + 1}/{len(items)})"
-            )
-
-        threshold: str | float = self.threshold
         if dataset_level:
-            values = np.concatenate(unit_thresholds) if unit_thresholds else np.zeros(0)
-            values = values[~np.isnan(values)]
-            if values.size == 0:
-                raise ValueError("threshold='average_otsu': no map has contrast inside the body; threshold undefined.")
-            threshold = float(values.mean())
-            logger.info(f"average Otsu threshold over {values.size} slices: {threshold:.4f}")
-            for i, item in enumerate(items):
-                data = self.load(item)
-                data["map"] = convert_to_tensor(load_map(rows[i]["map"]), track_meta=False)
-                finish(i, data, threshold)
-        for row in rows:
-            row["threshold"] = threshold if isinstance(threshold, float) else "otsu per slice"
+            consumers = [run_handler] + ([report] if report is not None else [])
+            handlers.append(DatasetThresholdHandler(
+                folder, self.preprocess, self.slice_axis, postprocessing=_Binarized(self, write_mask, threshold_set=True),
+                consumers=consumers, map_key="map", largest_component=self.largest_component,
+            ))
+        if report is not None:
+            handlers.append(report)
+        postprocessing = Compose([_Normalized(self), write_map] + ([] if dataset_level else [_Binarized(self, write_mask)]))
+        loader = DataLoader(_UnwrappedErrors(Dataset(folder.pending(), transform=self.preprocess)), batch_size=1, num_workers=0)
+        return SupervisedEvaluator(
+            device=self.device,
+            val_data_loader=loader,
+            network=self.network if isinstance(self.network, torch.nn.Module) else torch.nn.Identity(),
+            inferer=self._infer_batch,  # type: ignore[arg-type]
+            prepare_batch=SegmentationPrepareBatch(require_target=False),
+            postprocessing=postprocessing,
+            val_handlers=handlers,
+            decollate=True,
+        )
 
-        files: dict[str, str] = {}
-        summary = None
-        if evaluation is not None:
-            summary = evaluation.aggregate()
-            summary["seconds_per_volume"] = float(np.nanmean([r["seconds"] for r in rows])) if any(
-                math.isfinite(r["seconds"]) for r in rows) else float("nan")
-            summary["threshold"] = threshold
-            metric_rows = [{**evaluation.rows.get(r["case"], {}), **{k: r[k] for k in ("image", "seconds")}} for r in rows]
-            files["metrics"] = str(write_csv(out / "metrics.csv", metric_rows))
-            name = type(self.inferer).__name__ if title is None else title
-            files["summary_md"] = str(
-                write_summary_markdown(
-                    out / "summary.md", {name: summary}, metric_rows, title=f"Segmentation results: {name}",
-                    notes=self.describe(),
-                )
-            )
-            files["summary_json"] = str(
-                write_text_atomic(
-                    out / "summary.json", json.dumps({k: _finite(v) for k, v in summary.items()}, indent=2)
-                )
-            )
-            logger.info(
-                f"slice Dice {summary['slice_dice']:.3f} over {summary['num_positive_slices']} positive slices, "
-                f"volume Dice {summary['volume_dice']:.3f} over {summary['num_positive_volumes']} volumes"
-            )
-        # last: the list of results, from what is on disk (a file missing or changed since it was written is an error)
-        for row in rows:
-            for key in ("map", "mask"):
-                if folder.recorded(row["case"], key) is None:
-                    raise RuntimeError(f"{row['case']}: the {key} {row[key]} is missing or changed on disk; rerun.")
-        for key, path in files.items():
-            folder.record("_run", Path(path).name, path)
-        files["predictions"] = str(write_csv(out / "predictions.csv", rows))
-        folder.record("_run", "predictions.csv", files["predictions"])
-        folder.finish()
-        files["manifest"] = str(folder.manifest_path)
-        if num_reused:
-            logger.info(f"{out}: {num_reused} of {len(items)} maps kept from the interrupted run")
-        return {"rows": rows, "summary": summary, "threshold": threshold, "files": files, "resumed": folder.resumed}
+    def _infer_batch(self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The evaluator's inferer: :py:meth:`predict` of each volume of the batch (seeded per volume)."""
+        return torch.stack([self.predict(x) for x in inputs])
+
+
+class _Normalized:
+    """Postprocessing of :py:meth:`VolumeSegmentationPipeline.evaluator`: ``raw_map`` and its normalised ``map``."""
+
+    def __init__(self, pipe: VolumeSegmentationPipeline) -> None:
+        self.pipe = pipe
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        d["raw_map"] = convert_to_tensor(d.pop("pred"), track_meta=False).float().cpu()
+        d["image"] = d["image"].cpu() if hasattr(d["image"], "cpu") else d["image"]
+        d["map"] = self.pipe.normalize(d["raw_map"], d["image"])
+        return d
+
+
+class _Binarized:
+    """Postprocessing: the pipeline's mask of ``map`` (threshold, slice gate, components), then written."""
+
+    def __init__(self, pipe: VolumeSegmentationPipeline, write: Callable[[dict], dict], threshold_set: bool = False) -> None:
+        self.pipe = pipe
+        self.write = write
+        self.threshold_set = threshold_set  # the mask was thresholded by the dataset-level handler
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        if self.threshold_set:
+            d["mask"] = self.pipe.gate_and_filter(convert_to_tensor(d["mask"], track_meta=False), d["image"])
+        else:
+            d["mask"] = self.pipe.binarize(convert_to_tensor(d["map"], track_meta=False), d["image"])
+        return self.write(d)

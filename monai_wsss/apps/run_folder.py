@@ -28,7 +28,9 @@ __all__ = [
     "RunFolder",
     "RunFolderError",
     "file_checksum",
+    "component_settings",
     "input_checksum",
+    "name_run_items",
     "state_dict_checksum",
     "unique_output_stems",
 ]
@@ -123,6 +125,76 @@ def unique_output_stems(items: Sequence[Mapping]) -> list[str]:
     return [s if counts[s] == 1 else f"{s}_{i}" for i, s in enumerate(named)]
 
 
+def name_run_items(items: Sequence[Mapping | str | os.PathLike]) -> list[dict]:
+    """
+    A run's items with a ``case`` id and an ``output_name`` each, both unique within the run (see
+    :py:func:`unique_output_stems`); image paths are turned into items.
+
+    Args:
+        items: datalist items with ``image`` (e.g. from :py:func:`~monai_wsss.apps.list_volumes`) or image paths.
+
+    Returns:
+        new dicts, in order.
+
+    Raises:
+        ValueError: no item, or an item without ``image``.
+
+    Example::
+
+        >>> [it["output_name"] for it in name_run_items(["a/x.nii.gz", "b/x.nii.gz"])]
+        ['x_0', 'x_1']
+    """
+    out = [{"image": str(it)} if isinstance(it, (str, os.PathLike)) else dict(it) for it in items]
+    if not out:
+        raise ValueError("no volume to segment (items is empty).")
+    for i, item in enumerate(out):
+        if "image" not in item:
+            raise ValueError(f"item {i} {item!r} has no 'image'.")
+    stems = unique_output_stems(out)
+    for item, stem in zip(out, stems):
+        item.setdefault("case", stem)
+        item["case"] = str(item["case"])
+        item["output_name"] = stem
+    if len({it["case"] for it in out}) != len(out):  # case ids given twice: the unique file names serve as ids
+        for item, stem in zip(out, stems):
+            item["case"] = stem
+    return out
+
+
+def component_settings(obj: Any) -> Any:
+    """
+    The plain settings of a run component for a manifest: its public attributes that are numbers, strings or
+    lists of them, and a SHA-256 of every network's weights (and of small tensors); a ``Compose`` gives the
+    settings of each transform, a list or tuple the settings of each element.
+
+    Example::
+
+        >>> component_settings(torch.nn.Identity())["class"]
+        'Identity'
+    """
+    plain = (bool, int, float, str, type(None))
+    if isinstance(obj, plain):
+        return obj
+    if isinstance(obj, (list, tuple)):
+        return [component_settings(v) for v in obj]
+    if isinstance(obj, torch.nn.Module):
+        return {"class": type(obj).__name__, "weights_sha256": state_dict_checksum(obj)}
+    transforms = getattr(obj, "transforms", None)
+    if isinstance(transforms, (list, tuple)):  # a MONAI Compose
+        return [component_settings(t) for t in transforms]
+    out: dict[str, Any] = {"class": type(obj).__name__}
+    for key, value in sorted(vars(obj).items()) if hasattr(obj, "__dict__") else ():
+        if key.startswith("_"):
+            continue
+        if isinstance(value, plain) or (isinstance(value, (tuple, list)) and all(isinstance(v, plain) for v in value)):
+            out[key] = list(value) if isinstance(value, tuple) else value
+        elif isinstance(value, torch.nn.Module):
+            out[f"{key}_sha256"] = state_dict_checksum(value)
+        elif isinstance(value, torch.Tensor) and value.numel() <= 1 << 16:
+            out[f"{key}_sha256"] = hashlib.sha256(value.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+    return out
+
+
 def _jsonable(value: Any) -> Any:
     """Settings as JSON: numbers, text, lists and dicts; nan / inf as text; anything else by its repr."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -178,12 +250,14 @@ class RunFolder:
     ) -> None:
         self.path = Path(output_dir)
         self.manifest_path = self.path / MANIFEST_NAME
+        self.items = [dict(it) for it in inputs]
         self.inputs = [
             {k: str(it[k]) for k in ("case", "image", "seg") if it.get(k) is not None} for it in inputs
         ]
         self.settings = _jsonable(dict(settings))
         self.overwrite = bool(overwrite)
         self.resumed = False
+        self.opened = False
         self.manifest: dict = {}
 
     # ---- before any compute -----------------------------------------------------------------------------------
@@ -289,7 +363,52 @@ class RunFolder:
         for name in _RESULT_NAMES:
             self.forget(name)
         self._save()
+        self.opened = True
         return self
+
+    def pending(self, items: Sequence[Mapping] | None = None) -> list[dict]:
+        """
+        The items whose map still has to be computed: all of them, unless the folder holds a manifest of this
+        same run (same inputs and settings), whose maps recorded and unchanged on disk are kept. Reads the
+        folder only (nothing is written or removed), so it can be called before :py:meth:`open`.
+
+        Args:
+            items: the run's items (default: the ones the folder was made with), with their ``case``.
+
+        Returns:
+            the items to compute, in order.
+        """
+        items = self.items if items is None else [dict(it) for it in items]
+        manifest = self.manifest
+        if not manifest and self.manifest_path.is_file():
+            try:
+                old = json.loads(self.manifest_path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                return items
+            new = {"inputs": self._checksummed_inputs(), "settings": self.settings}
+            if self._differences(old, new):
+                return items
+            manifest = old
+        files = manifest.get("files", {})
+
+        def kept(case: str) -> bool:
+            entry = files.get(case, {}).get("map")
+            p = self.path / entry["path"] if entry else None
+            return p is not None and p.is_file() and file_checksum(p) == entry["sha256"]
+
+        return [it for it in items if not kept(str(it.get("case")))]
+
+    def update_row(self, case: str, **values: Any) -> dict:
+        """Set fields of ``case``'s row of ``predictions.csv`` (kept in the manifest, so a resumed run keeps them)."""
+        row = self.manifest.setdefault("rows", {}).setdefault(case, {"case": case})
+        row.update(_jsonable(values))
+        self._save()
+        return row
+
+    def rows(self) -> list[dict]:
+        """The rows of every item of the run, in the items' order (empty dicts for items not written)."""
+        recorded = self.manifest.get("rows", {})
+        return [dict(recorded.get(str(it.get("case")), {})) for it in self.items]
 
     def _remove_recorded(self, old: Mapping) -> None:
         removed = 0

@@ -137,24 +137,31 @@ class SegmentationPrepareBatch(DiffusionPrepareBatch):
     (``seg``, not the weak ``label``) as target, so that a MONAI ``SupervisedEvaluator`` running a map inferer
     (CDM, CG-Diff, a CAM ...) and post-processing can report Dice against the masks.
 
+    With ``seed`` every batch gets its own ``torch.Generator`` seeded with it, passed to the inferer as
+    ``generator=``: the diffusion noise of a volume then depends on the seed alone, not on the volumes before it.
+
     Args:
         target_key: batch key of the pixel ground truth.
+        require_target: refuse a batch without ``target_key`` (evaluation); False passes ``None`` (inference).
+        seed: seed of the per-batch generator (``None``: no generator is passed, for inferers without noise).
 
     Returns (``__call__``):
-        ``(image, seg, (), {})``.
+        ``(image, seg, (), {})``, or ``(image, seg, (), {"generator": g})`` with ``seed``.
 
     Raises:
-        ValueError: for a batch without ``target_key``.
+        ValueError: for a batch without ``target_key`` when it is required.
 
     Example::
 
         evaluator = SupervisedEvaluator(..., inferer=ConditionDifferenceInferer(...),
-                                        prepare_batch=SegmentationPrepareBatch())
+                                        prepare_batch=SegmentationPrepareBatch(seed=0))
     """
 
-    def __init__(self, target_key: str = "seg") -> None:
+    def __init__(self, target_key: str = "seg", require_target: bool = True, seed: int | None = None) -> None:
         super().__init__(num_train_timesteps=1)
         self.target_key = target_key
+        self.require_target = bool(require_target)
+        self.seed = None if seed is None else int(seed)
 
     def __call__(  # type: ignore[override]
         self,
@@ -162,9 +169,12 @@ class SegmentationPrepareBatch(DiffusionPrepareBatch):
         device: str | torch.device | None = None,
         non_blocking: bool = False,
         **kwargs: Any,
-    ) -> tuple[torch.Tensor, torch.Tensor, tuple, dict]:
-        if not isinstance(batchdata, Mapping) or self.target_key not in batchdata:
+    ) -> tuple[torch.Tensor, torch.Tensor | None, tuple, dict]:
+        if not isinstance(batchdata, Mapping) or (self.require_target and self.target_key not in batchdata):
             raise ValueError(f"batch has no key {self.target_key!r} with the pixel ground truth.")
         images, _ = default_prepare_batch(batchdata, device, non_blocking, **kwargs)
-        target = torch.as_tensor(batchdata[self.target_key]).to(device=images.device, non_blocking=non_blocking)
-        return images, target, (), {}
+        target = batchdata.get(self.target_key)
+        if target is not None:
+            target = torch.as_tensor(target).to(device=images.device, non_blocking=non_blocking)
+        extra = {} if self.seed is None else {"generator": torch.Generator(device=images.device).manual_seed(self.seed)}
+        return images, target, (), extra

@@ -1,0 +1,7 @@
+# Copyright (c) monai_wsss contributors. Licensed under the Apache License, Version 2.0.
+"""Ignite event handlers of a whole-volume segmentation run (MONAI ``SupervisedEvaluator``): the run folder and its
+manifest, the dataset-level threshold, and the evaluation reports."""
+
+from monai_wsss.handlers.volume_run import DatasetThresholdHandler, RunFolderHandler, VolumeReportHandler
+
+__all__ = ["DatasetThresholdHandler", "RunFolderHandler", "VolumeReportHandler"]

@@ -1,0 +1,426 @@
+# Copyright (c) monai_wsss contributors. Licensed under the Apache License, Version 2.0.
+"""
+Handlers that make a MONAI ``SupervisedEvaluator`` over whole volumes a segmentation run: one output folder per run
+with its manifest (:py:class:`RunFolderHandler`), the CDM paper's dataset-level "average Otsu" threshold
+(:py:class:`DatasetThresholdHandler`) and the evaluation reports (:py:class:`VolumeReportHandler`).
+
+The evaluator's postprocessing writes the files (``SaveVolumed`` leaves ``<key>_path`` in the data); these handlers
+record them, so a killed run resumes and a finished one lists only what is on disk. Attach them in the order
+``RunFolderHandler``, ``DatasetThresholdHandler``, ``VolumeReportHandler``: at the end of the run the threshold
+handler writes the masks, the report handler scores them, and the run folder handler writes ``predictions.csv``
+last (it registers its end of run at ``Events.COMPLETED``, the others at ``Events.EPOCH_COMPLETED``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from monai.transforms import LoadImage
+from monai.utils import convert_to_tensor, min_version, optional_import
+
+from monai_wsss.apps.reports import VolumeEvaluation, save_overlay, write_csv, write_summary_markdown
+from monai_wsss.apps.run_folder import RunFolder
+from monai_wsss.transforms import OtsuThreshold, otsu_thresholds, write_text_atomic
+
+Events, _ = optional_import("ignite.engine", "0.4.11", min_version, "Events")
+if TYPE_CHECKING:
+    from ignite.engine import Engine
+else:
+    Engine, _ = optional_import("ignite.engine", "0.4.11", min_version, "Engine")
+
+__all__ = ["DatasetThresholdHandler", "RunFolderHandler", "VolumeReportHandler", "engine_items"]
+
+logger = logging.getLogger(__name__)
+
+
+def engine_items(engine: Engine) -> list[dict]:
+    """
+    The items of the engine's last iteration, one dict per volume: the decollated batch and output merged (MONAI's
+    postprocessing puts new keys, such as ``pred`` and the written paths, into the output and keeps the loaded
+    keys, such as ``seg`` and ``case``, in the batch).
+    """
+    batch, output = engine.state.batch, engine.state.output
+    if isinstance(output, Mapping):
+        batch, output = [batch], [output]
+    return [{**dict(b), **dict(o)} for b, o in zip(batch, output)]
+
+
+def _load_map(path: Path) -> torch.Tensor:
+    return convert_to_tensor(LoadImage(image_only=True, ensure_channel_first=True, dtype=np.float32)(str(path)))
+
+
+def _finite(x: Any) -> Any:
+    return None if isinstance(x, float) and not math.isfinite(x) else x
+
+
+class RunFolderHandler:
+    """
+    The output folder of a run (:py:class:`~monai_wsss.apps.RunFolder`): opened when the run starts (a folder of
+    another run is refused before any compute), every written map and mask recorded in ``run_manifest.json`` when
+    its volume is done, and ``predictions.csv`` (one row per volume: paths, mask voxels, seconds including the
+    writing, threshold) written last, from the files on disk, when the run completes.
+
+    Pair it with ``dataset = Dataset(run_folder.pending(items), ...)`` so that a resumed run computes only the maps
+    its interrupted predecessor did not write.
+
+    Args:
+        run_folder: the run's folder, made with every item of the run (``case``, ``image``, ``output_name``).
+        map_key: data key of the map (its written path under ``<map_key>_path``).
+        mask_key: data key of the mask.
+        threshold: the threshold reported in ``predictions.csv`` (a dataset-level threshold set by
+            :py:class:`DatasetThresholdHandler` replaces it).
+
+    Raises:
+        RuntimeError: at the end of the run, a map or mask of an item is missing or changed on disk.
+
+    Example::
+
+        folder = RunFolder("out", name_run_items(items), settings)
+        RunFolderHandler(folder, threshold=0.5).attach(evaluator)
+    """
+
+    def __init__(
+        self, run_folder: RunFolder, map_key: str = "pred", mask_key: str = "mask", threshold: str | float | None = None
+    ) -> None:
+        self.folder = run_folder
+        self.map_key = map_key
+        self.mask_key = mask_key
+        self.threshold = threshold
+        self._started_at: float | None = None
+        self._done = 0
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self.started)
+        engine.add_event_handler(Events.ITERATION_STARTED, self._iteration_started)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
+        engine.add_event_handler(Events.COMPLETED, self.completed)
+
+    def started(self, engine: Engine | None = None) -> None:
+        """Open the folder (refusing another run's) unless the caller already did."""
+        if not self.folder.opened:
+            self.folder.open()
+        self._done = len(self.folder.items) - len(self.folder.pending())
+
+    def _iteration_started(self, engine: Engine) -> None:
+        self._started_at = time.perf_counter()
+
+    def iteration_completed(self, engine: Engine) -> None:
+        seconds = None if self._started_at is None else time.perf_counter() - self._started_at
+        items = engine_items(engine)
+        for item in items:
+            self.add(item, seconds=None if seconds is None else seconds / len(items))
+
+    def add(self, item: Mapping, seconds: float | None = None) -> None:
+        """Record the files of one volume (``<key>_path`` entries) and its row; called per volume by the handlers."""
+        case = str(item["case"])
+        values: dict[str, Any] = {}
+        for key, name in ((self.map_key, "map"), (self.mask_key, "mask")):
+            path = item.get(f"{key}_path")
+            if path:
+                self.folder.record(case, name, path)
+                values[name] = str(path)
+        if self.mask_key in item and f"{self.mask_key}_path" in item:
+            values["mask_voxels"] = int(convert_to_tensor(item[self.mask_key]).sum())
+        if seconds is not None:
+            values["seconds"] = float(seconds)
+        source = next((it for it in self.folder.items if str(it.get("case")) == case), {})
+        values["image"] = str(source.get("image", ""))
+        self.folder.update_row(case, **values)
+        if seconds is not None:
+            self._done += 1
+            logger.info(f"{case}: map and mask written in {seconds:.1f} s ({self._done}/{len(self.folder.items)})")
+
+    def completed(self, engine: Engine | None = None) -> None:
+        """Check every result is on disk, write ``predictions.csv`` and mark the run finished."""
+        threshold = getattr(getattr(engine, "state", None), "dataset_threshold", None)
+        threshold = self.threshold if threshold is None else threshold
+        rows = []
+        for item, row in zip(self.folder.items, self.folder.rows()):
+            case = str(item["case"])
+            for name in ("map", "mask"):
+                if self.folder.recorded(case, name) is None:
+                    raise RuntimeError(f"{case}: the {name} is missing or changed on disk; rerun.")
+            row.setdefault("seconds", float("nan"))
+            row["threshold"] = threshold if isinstance(threshold, (int, float)) else "otsu per slice"
+            rows.append({k: row.get(k) for k in ("case", "image", "map", "mask", "seconds", "mask_voxels", "threshold", "overlay") if k in row})
+        path = write_csv(self.folder.path / "predictions.csv", rows)
+        self.folder.record("_run", "predictions.csv", path)
+        self.folder.finish()
+        if engine is not None:
+            engine.state.predictions = rows
+
+
+class DatasetThresholdHandler:
+    """
+    One threshold for all volumes of a run, the mean of the per-slice Otsu thresholds of every map (the CDM
+    paper's "average Otsu"): the evaluator's postprocessing writes the (normalised) maps without masks; at the end
+    of the epoch this handler computes the threshold, thresholds every map inside the body, runs ``postprocessing``
+    on it (e.g. component filter, then ``SaveVolumed`` of the mask) and passes each volume to ``consumers`` (the
+    run folder and report handlers' ``add``). The threshold is left in ``engine.state.dataset_threshold``.
+
+    Maps kept from an interrupted run are read back from the run folder, so a resumed run gets the same threshold.
+
+    Args:
+        run_folder: the run's folder (its items and recorded maps).
+        preprocessing: the evaluator's preprocessing (to reload each volume's image, the body, and ``seg``).
+        slice_axis: spatial axis of the slices.
+        postprocessing: transform applied after thresholding (``None``: none).
+        consumers: objects with ``add(item)`` given every thresholded volume.
+        map_key: data key of the map.
+        mask_key: data key the mask is written to.
+        image_key: data key of the normalised image (non-zero inside the body).
+        largest_component: keep the largest connected component of each slice's mask.
+
+    Raises:
+        ValueError: no map has contrast inside the body (the threshold is undefined).
+
+    Example::
+
+        threshold = DatasetThresholdHandler(folder, preprocessing, slice_axis=2, postprocessing=save_mask,
+                                            consumers=[run_handler])
+    """
+
+    def __init__(
+        self,
+        run_folder: RunFolder,
+        preprocessing: Callable[[dict], dict],
+        slice_axis: int = 2,
+        postprocessing: Callable[[dict], dict] | None = None,
+        consumers: Sequence[Any] = (),
+        map_key: str = "pred",
+        mask_key: str = "mask",
+        image_key: str = "image",
+        largest_component: bool = False,
+    ) -> None:
+        self.folder = run_folder
+        self.preprocessing = preprocessing
+        self.largest_component = bool(largest_component)
+        self.slice_axis = int(slice_axis)
+        self.postprocessing = postprocessing
+        self.consumers = list(consumers)
+        self.map_key = map_key
+        self.mask_key = mask_key
+        self.image_key = image_key
+        self._thresholds: dict[str, np.ndarray] = {}
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
+
+    def iteration_completed(self, engine: Engine) -> None:
+        for item in engine_items(engine):
+            self._thresholds[str(item["case"])] = otsu_thresholds(
+                item[self.map_key], item[self.image_key], slice_axis=self.slice_axis
+            )
+
+    def _item(self, item: Mapping) -> dict:
+        data = self.preprocessing(dict(item))
+        path = self.folder.recorded(str(item["case"]), "map")
+        if path is None:
+            raise RuntimeError(f"{item['case']}: the map is missing or changed on disk; rerun.")
+        data[self.map_key] = _load_map(path)
+        return data
+
+    def epoch_completed(self, engine: Engine | None = None) -> float:
+        """Threshold every map of the run with the mean Otsu threshold; returns the threshold."""
+        values = []
+        for item in self.folder.items:
+            case = str(item["case"])
+            if case not in self._thresholds:  # a map kept from an interrupted run
+                data = self._item(item)
+                self._thresholds[case] = otsu_thresholds(data[self.map_key], data[self.image_key], self.slice_axis)
+            values.append(self._thresholds[case])
+        flat = np.concatenate(values) if values else np.zeros(0)
+        flat = flat[~np.isnan(flat)]
+        if flat.size == 0:
+            raise ValueError("threshold='average_otsu': no map has contrast inside the body; threshold undefined.")
+        threshold = float(flat.mean())
+        logger.info(f"average Otsu threshold over {flat.size} slices: {threshold:.4f}")
+        thresholder = OtsuThreshold(threshold=threshold, slice_axis=self.slice_axis, largest_component=self.largest_component)
+        for item in self.folder.items:
+            data = self._item(item)
+            data[self.mask_key] = thresholder(data[self.map_key], body_mask=data[self.image_key])
+            if self.postprocessing is not None:
+                data = self.postprocessing(data)
+            for consumer in self.consumers:
+                consumer.add(data)
+        if engine is not None:
+            engine.state.dataset_threshold = threshold
+        return threshold
+
+
+class VolumeReportHandler:
+    """
+    Evaluation reports of a run against each volume's ground truth (:py:class:`~monai_wsss.apps.VolumeEvaluation`):
+    ``metrics.csv`` (per case), ``summary.md`` and ``summary.json`` (pooled slice and volume scores, seconds per
+    volume, the threshold) and overlays of the first ``num_overlays`` volumes with a target
+    (``overlays/<case>.png``), all recorded in the run folder when one is given.
+
+    Args:
+        slice_axis: spatial axis of the slices.
+        output_dir: folder of the reports.
+        eval_min_fraction: slices whose target covers less than this fraction are left out of slice scores
+            (CHAOS rule; ``None``: none).
+        score_key: key of the raw map scored by AUROC (falls back to ``map_key`` when absent).
+        map_key: key of the (normalised) map drawn in overlays.
+        mask_key: key of the binary mask.
+        label_key: key of the ground truth (the engine's ``label``, or the datalist's ``seg``).
+        image_key: key of the normalised image.
+        num_overlays: volumes to draw.
+        overlay_slices: slices per overlay.
+        title: heading of ``summary.md``.
+        notes: lines describing the method under the table.
+        run_folder: the run's folder: reports are recorded there, and volumes kept from an interrupted run
+            (not computed by this run) are read back from it (with ``preprocessing``; their AUROC is then that of
+            the map on disk).
+        preprocessing: reloads a kept volume's image and ground truth.
+        threshold: the threshold reported in the summary (a dataset-level threshold set by
+            :py:class:`DatasetThresholdHandler` replaces it).
+
+    Raises:
+        ValueError: a volume without ground truth.
+
+    Example::
+
+        report = VolumeReportHandler(slice_axis=2, output_dir="out", title="segmenter", run_folder=folder,
+                                     preprocessing=preprocessing)
+        report.attach(evaluator)
+    """
+
+    def __init__(
+        self,
+        slice_axis: int,
+        output_dir: str,
+        eval_min_fraction: float | None = None,
+        score_key: str = "raw_map",
+        map_key: str = "pred",
+        mask_key: str = "mask",
+        label_key: str = "seg",
+        image_key: str = "image",
+        num_overlays: int = 0,
+        overlay_slices: int = 3,
+        title: str | None = None,
+        notes: Sequence[str] = (),
+        run_folder: RunFolder | None = None,
+        preprocessing: Callable[[dict], dict] | None = None,
+        threshold: str | float | None = None,
+    ) -> None:
+        if int(num_overlays) < 0 or int(overlay_slices) < 1:
+            raise ValueError(f"`num_overlays` must be >= 0 and `overlay_slices` >= 1, got {num_overlays}, {overlay_slices}.")
+        self.evaluation = VolumeEvaluation(slice_axis, eval_min_fraction)
+        self.slice_axis = int(slice_axis) % 3
+        self.output_dir = Path(output_dir)
+        self.score_key, self.map_key, self.mask_key = score_key, map_key, mask_key
+        self.label_key, self.image_key = label_key, image_key
+        self.num_overlays, self.overlay_slices = int(num_overlays), int(overlay_slices)
+        self.title = title
+        self.notes = list(notes)
+        self.folder = run_folder
+        self.preprocessing = preprocessing
+        self.threshold = threshold
+        self._mapped: set[str] = set()
+        self._masked: set[str] = set()
+        self._drawn = 0
+        self.summary: dict | None = None
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
+
+    def iteration_completed(self, engine: Engine) -> None:
+        for item in engine_items(engine):
+            self.add(item)
+
+    def _label(self, item: Mapping) -> Any:
+        seg = item.get(self.label_key)
+        if seg is None:
+            seg = item.get("seg", item.get("label"))
+        if seg is None:
+            raise ValueError(f"{item.get('case')}: no ground truth ('{self.label_key}') to evaluate against.")
+        return seg
+
+    def add(self, item: Mapping) -> None:
+        """Score one volume's map (once) and mask (when present), and draw its overlay while overlays are due."""
+        case = str(item["case"])
+        seg = self._label(item)
+        if case not in self._mapped:
+            score = item.get(self.score_key, item.get(self.map_key))
+            self.evaluation.add_map(case, score, seg, body=item[self.image_key])
+            self._mapped.add(case)
+        if self.mask_key not in item:
+            return
+        spacing = [float(s) for s in convert_to_tensor(item[self.image_key].pixdim).tolist()]
+        self.evaluation.add_mask(case, item[self.mask_key], seg, spacing=spacing)
+        self._masked.add(case)
+        if self._drawn < self.num_overlays and bool(convert_to_tensor(seg).any()):
+            self._drawn += 1
+            overlay = self.output_dir / "overlays" / f"{case}.png"
+            save_overlay(
+                overlay, item[self.image_key], item[self.map_key], item[self.mask_key], seg,
+                num_slices=self.overlay_slices, slice_axis=self.slice_axis, title=case,
+            )
+            if self.folder is not None:
+                self.folder.record(case, "overlay", overlay)
+                self.folder.update_row(case, overlay=str(overlay))
+
+    def _add_kept(self) -> None:
+        """Volumes of the run not computed by it (kept from an interrupted run): read back from the run folder."""
+        if self.folder is None or self.preprocessing is None:
+            return
+        for item in self.folder.items:
+            case = str(item["case"])
+            if case in self._masked:
+                continue
+            data = self.preprocessing(dict(item))
+            for key, name in ((self.map_key, "map"), (self.mask_key, "mask")):
+                path = self.folder.recorded(case, name)
+                if path is None:
+                    raise RuntimeError(f"{case}: the {name} is missing or changed on disk; rerun.")
+                data[key] = _load_map(path)
+            self.add(data)
+
+    def epoch_completed(self, engine: Engine | None = None) -> dict:
+        """Write ``metrics.csv``, ``summary.md`` and ``summary.json``; returns the pooled scores."""
+        self._add_kept()
+        rows = self.folder.rows() if self.folder is not None else [{"case": c} for c in self.evaluation.rows]
+        threshold = getattr(getattr(engine, "state", None), "dataset_threshold", None)
+        threshold = self.threshold if threshold is None else threshold
+        summary = self.evaluation.aggregate()
+        seconds = [float(r["seconds"]) for r in rows if r.get("seconds") is not None]
+        summary["seconds_per_volume"] = float(np.nanmean(seconds)) if seconds else float("nan")
+        if threshold is not None:
+            summary["threshold"] = threshold
+        metric_rows = [
+            {**self.evaluation.rows.get(str(r.get("case")), {}), "image": r.get("image"), "seconds": r.get("seconds")}
+            for r in rows
+        ]
+        name = self.title or "segmentation"
+        written = [
+            write_csv(self.output_dir / "metrics.csv", metric_rows),
+            write_summary_markdown(
+                self.output_dir / "summary.md", {name: summary}, metric_rows, title=f"Segmentation results: {name}",
+                notes=self.notes,
+            ),
+            write_text_atomic(
+                self.output_dir / "summary.json", json.dumps({k: _finite(v) for k, v in summary.items()}, indent=2)
+            ),
+        ]
+        if self.folder is not None:
+            for path in written:
+                self.folder.record("_run", Path(path).name, path)
+        logger.info(
+            f"slice Dice {summary['slice_dice']:.3f} over {summary['num_positive_slices']} positive slices, "
+            f"volume Dice {summary['volume_dice']:.3f} over {summary['num_positive_volumes']} volumes"
+        )
+        self.summary = summary
+        if engine is not None:
+            engine.state.summary = summary
+        return summary
