@@ -119,8 +119,11 @@ def test_table_command_uses_the_bundles_inference_defaults(tmp_path):
 
     bundle = Path(__file__).resolve().parents[1] / "bundles" / "brats_cdm"
     settings = bundle_method_settings(bundle)
-    config = json.loads((bundle / "configs" / "inference.json").read_text())
-    assert settings == {k: config[k] for k in settings} and len(settings) == len(METHOD_SETTINGS) == 8
+    cdm = json.loads((bundle / "configs" / "inference_cdm.json").read_text())
+    cg_cdm = json.loads((bundle / "configs" / "inference_cg_cdm.json").read_text())
+    assert len(settings) == len(METHOD_SETTINGS) == 8
+    assert (settings["noise_level"], settings["tau"], settings["num_steps"]) == (cdm["noise_level"], cdm["tau"], cdm["num_steps"])
+    assert (settings["guidance_scale"], settings["guided_num_steps"]) == (cg_cdm["guidance_scale"], cg_cdm["num_steps"])
     data = tmp_path / "data"
     make_synthetic_dataset(data, num_cases=5, shape=(64, 64, 12), seed=1)
     args = ["--bundle_root", str(bundle), "--dataset_dir", str(data), "--methods", "threshold", "cdm",
@@ -130,7 +133,7 @@ def test_table_command_uses_the_bundles_inference_defaults(tmp_path):
     # the bundle's Q and tau, the command line's R
     assert cdm["setting"] == f"Q={settings['noise_level']}, R=2, tau={settings['tau']}"
     assert (tmp_path / "out" / "table.md").is_file()
-    with pytest.raises(FileNotFoundError, match="inference.json"):
+    with pytest.raises(FileNotFoundError, match="inference_"):
         bundle_method_settings(tmp_path)
 
 

@@ -22,9 +22,9 @@ def test_volume_benchmark_times_each_stage_and_skips_methods_without_weights(tmp
     shutil.copytree(BUNDLE / "configs", bundle / "configs")
     (bundle / "models").mkdir()
     parser = ConfigParser()
-    parser.read_config(str(bundle / "configs" / "inference.json"))
+    parser.read_config([str(bundle / "configs" / f) for f in ("inference.json", "inference_cdm.json")])
     # perturbed so the map has contrast (MONAI zero-initialises the output layer) and the Otsu threshold exists
-    torch.save(perturb(parser.get_parsed_content("network_def")).state_dict(), bundle / "models" / "model.pt")
+    torch.save(perturb(parser.get_parsed_content("diffusion_def")).state_dict(), bundle / "models" / "diffusion.pt")
     item = make_synthetic_dataset(tmp_path / "data", num_cases=1, shape=(40, 36, 6), seed=0)[0]
     writer = pipeline_module.map_writer
 
@@ -36,7 +36,7 @@ def test_volume_benchmark_times_each_stage_and_skips_methods_without_weights(tmp
     for row in result["rows"]:
         assert row["ran"] and row["threads"] == 1 and row["slices_with_body"] > 0
         assert set(row["seconds"]) == set(STAGES) and all(v >= 0 for v in row["seconds"].values())
-        assert row["seconds"]["map"] > 0 and row["seconds"]["write"] > 0
+        assert row["seconds"]["map"] > 0 and row["seconds"]["write"] > 0 and row["seconds"]["load"] > 0
         assert abs(sum(row["seconds"].values()) - row["total"]) < 1e-6  # "other" is the rest of run()
     table = volume_markdown(result)
     assert "| cdm | 1 |" in table and "| cg_cdm | | skipped" in table

@@ -22,19 +22,23 @@ from monai_wsss.data import make_synthetic_dataset
 from monai_wsss.networks.nets import ConditionalDiffusionUNet, NoisyClassifier
 
 SIZE = 16
-# the bundles' network definitions shrunk to the tiny test networks (the same overrides a user passes on the CLI)
+# the bundles' diffusion and classifier definitions shrunk to the tiny test networks (the same overrides a user
+# passes on the CLI)
 TINY_NETS = {
-    "network_def#channels": list(TINY_UNET["channels"]),
-    "network_def#attention_levels": list(TINY_UNET["attention_levels"]),
-    "network_def#num_head_channels": TINY_UNET["num_head_channels"],
-    "network_def#norm_num_groups": TINY_UNET["norm_num_groups"],
+    "diffusion_def#channels": list(TINY_UNET["channels"]),
+    "diffusion_def#attention_levels": list(TINY_UNET["attention_levels"]),
+    "diffusion_def#num_head_channels": TINY_UNET["num_head_channels"],
+    "diffusion_def#norm_num_groups": TINY_UNET["norm_num_groups"],
+}
+TINY_CLASSIFIER = {
     "classifier_def#channels": [8, 16],
     "classifier_def#attention_levels": [False, False],
     "classifier_def#num_head_channels": 8,
     "classifier_def#norm_num_groups": 4,
 }
 # seconds-long settings: 16 x 16 slices, 2 CDM steps, 3 CG-Diff steps
-FAST = {"spatial_size": [SIZE, SIZE], "noise_level": 20, "num_steps": 2, "cgdiff_level": 3, "progress": False}
+FAST = {"spatial_size": [SIZE, SIZE], "noise_level": 20, "num_steps": 2, "progress": False}
+FAST_METHOD = {"cg_diff": {"noise_level": 3}, "cfg": {"noise_level": 3}}
 
 
 def _tiny_diffusion(null_class: bool = False) -> ConditionalDiffusionUNet:
@@ -66,28 +70,51 @@ def env(tmp_path_factory):
         nib.save(nib.Nifti1Image(kidney, seg.affine), str(chaos / f"label_{i + 1}.nii.gz"))
     models = root / "models"
     models.mkdir()
-    torch.save(_tiny_diffusion().state_dict(), models / "model.pt")
-    torch.save(_tiny_diffusion(null_class=True).state_dict(), models / "model_null.pt")
+    torch.save(_tiny_diffusion().state_dict(), models / "diffusion.pt")
+    torch.save(_tiny_diffusion(null_class=True).state_dict(), models / "diffusion_null.pt")
     torch.save(_tiny_classifier().state_dict(), models / "classifier.pt")
     return {"root": root, "items": items, "brats": root / "brats", "chaos": chaos, "models": models}
 
 
-def run_bundle(env, config: str, bundle: str = "brats", **overrides):
-    """Run a config as `python -m monai.bundle run` does, with the tiny networks and fast settings."""
-    args = {
-        "model_path": str(env["models"] / "model.pt"),
-        "classifier_path": str(env["models"] / "classifier.pt"),
-        **TINY_NETS,
-        **FAST,
-        **overrides,
-    }
+def bundle_overrides(env, method: str, bundle: str = "brats", **overrides) -> dict:
+    """The tiny weights and fast settings of a method (only the keys its configs have); the CHAOS bundle's diffusion
+    network has a null class, so the tiny weights with one stand in for it."""
+    from monai_wsss.bundle import DEFAULT_METHOD
+
+    args: dict = {"progress": False}
+    if method != DEFAULT_METHOD and method not in ("threshold", "volume_threshold"):
+        weights = env["models"] / ("diffusion_null.pt" if bundle == "chaos" else "diffusion.pt")
+        args.update({"diffusion_path": str(weights), **TINY_NETS, **FAST, **FAST_METHOD.get(method, {})})
+        if method in ("cg_cdm", "cg_diff"):
+            args.update(classifier_path=str(env["models"] / "classifier.pt"), **TINY_CLASSIFIER)
+    elif method == "threshold":
+        args["spatial_size"] = [SIZE, SIZE]
+    args.update(overrides)
+    return args
+
+
+def run_bundle(env, config: str, bundle: str = "brats", method: str = "segmenter", **overrides) -> dict:
+    """
+    Run a method as `python -m monai.bundle run --config_file "[inference.json, inference_<method>.json
+    (, evaluate.json)]"` does, with the tiny networks and fast settings; returns what the run left in the
+    evaluator's state (rows of predictions.csv, the summary, the threshold).
+    """
+    from monai_wsss.bundle import method_config_files
+
+    files = method_config_files(BUNDLES[bundle], method, evaluate=config == "evaluate.json")
     workflow = ConfigWorkflow(
-        config_file=str(BUNDLES[bundle] / "configs" / config), logging_file=False, workflow_type="infer", **args
+        config_file=files, logging_file=False, workflow_type="infer", **bundle_overrides(env, method, bundle, **overrides)
     )
     workflow.initialize()
-    result = workflow.run()
+    workflow.run()
+    state = workflow.evaluator.state
     workflow.finalize()
-    return result[0]
+    threshold = getattr(state, "dataset_threshold", None)
+    return {
+        "rows": state.predictions,
+        "summary": getattr(state, "summary", None),
+        "threshold": workflow.parser.get_parsed_content("mask_threshold") if threshold is None else threshold,
+    }
 
 
 def root_cause(err: BaseException) -> BaseException:
@@ -118,33 +145,57 @@ def _raw(bundle: str, name: str) -> dict:
 @pytest.mark.parametrize("bundle", sorted(BUNDLES))
 def test_networks_match_the_training_configs(bundle):
     """The inference configs must build exactly the trained networks, or the committed weights do not load."""
-    for name in ("inference.json", "evaluate.json"):
-        infer = ConfigParser(_raw(bundle, name))
-        diffusion = ConfigParser(_raw(bundle, "train_diffusion.json"))
-        classifier = ConfigParser(_raw(bundle, "train_classifier.json"))
-        assert infer.get("network_def") == diffusion.get("network_def")
-        assert infer.get("classifier_def") == classifier.get("network_def")
-        assert infer.get("scheduler") == diffusion.get("scheduler") == classifier.get("scheduler")
-        for key in ("num_classes", "null_class", "spatial_size", "task"):
-            assert infer.get(key) == diffusion.get(key), key
-        net = infer.get_parsed_content("network_def")
-        ref = diffusion.get_parsed_content("network_def")
-        assert net.state_dict().keys() == ref.state_dict().keys()
+    infer = ConfigParser(_raw(bundle, "inference.json"))
+    segmentation = ConfigParser(_raw(bundle, "train_segmentation.json"))
+    assert infer.get("network_def") == segmentation.get("network_def")  # the default network: the segmenter
+    assert infer.get("roi_size") == segmentation.get("segmenter_spatial_size")
+    diffusion = ConfigParser(_raw(bundle, "train_diffusion.json"))
+    classifier = ConfigParser(_raw(bundle, "train_classifier.json"))
+    for method in ("cdm", "cg_cdm", "cg_diff", "cfg"):
+        override = ConfigParser(_raw(bundle, f"inference_{method}.json"))
+        assert override.get("diffusion_def") == diffusion.get("network_def"), method
+        assert override.get("scheduler") == diffusion.get("scheduler") == classifier.get("scheduler"), method
+        for key in ("num_classes", "null_class", "spatial_size"):
+            assert override.get(key) == diffusion.get(key), (method, key)
+        if method in ("cg_cdm", "cg_diff"):
+            assert override.get("classifier_def") == classifier.get("network_def"), method
+    net = ConfigParser(_raw(bundle, "inference_cdm.json")).get_parsed_content("diffusion_def")
+    ref = diffusion.get_parsed_content("network_def")
+    assert net.state_dict().keys() == ref.state_dict().keys()
 
 
-def test_evaluate_differs_from_inference_only_where_documented():
+def test_evaluate_is_a_small_override_and_the_bundles_differ_in_task_facts_only():
     for bundle in BUNDLES:
-        infer, evaluate = _raw(bundle, "inference.json"), _raw(bundle, "evaluate.json")
-        differ = {k for k in set(infer) | set(evaluate) if infer.get(k) != evaluate.get(k)}
-        assert differ == {"output_dir", "num_overlays", "evaluate"}
-    brats, chaos = _raw("brats", "evaluate.json"), _raw("chaos", "evaluate.json")
-    # the CHAOS weights were trained with a null class (classifier-free guidance, method cfg); the BraTS ones not;
-    # per-task thresholds come from default_threshold(method, task): BraTS maps normalised per volume with one
-    # average Otsu (chosen on its validation cases), CHAOS per slice
-    # bfloat16 inference was validated on BraTS only (same validation Dice to 0.001), so CHAOS stays float32
-    assert {k for k in brats if brats[k] != chaos.get(k)} == {"bundle_root", "task", "modality", "null_class", "precision"}
-    assert chaos["null_class"] is True and brats["null_class"] is False
-    assert (brats["precision"], chaos["precision"]) == ("auto", "float32")
+        evaluate = _raw(bundle, "evaluate.json")
+        assert set(evaluate) == {"evaluate", "output_dir", "num_overlays", "report_handler", "eval_handlers"}
+    brats, chaos = _raw("brats", "inference.json"), _raw("chaos", "inference.json")
+    # the segmenter's threshold was chosen on each task's validation split (labels only)
+    assert {k for k in brats if brats[k] != chaos.get(k)} == {"bundle_root", "task", "modality", "threshold"}
+    # the CHAOS weights were trained with a null class (classifier-free guidance, method cfg), the BraTS ones not;
+    # BraTS maps are normalised per volume with one average Otsu threshold (chosen on validation), CHAOS per slice;
+    # bfloat16 inference was validated on BraTS only, so CHAOS stays float32
+    brats_cdm, chaos_cdm = _raw("brats", "inference_cdm.json"), _raw("chaos", "inference_cdm.json")
+    assert (brats_cdm["null_class"], chaos_cdm["null_class"]) == (False, True)
+    assert (brats_cdm["precision"], chaos_cdm["precision"]) == ("auto", "float32")
+    assert (brats_cdm["threshold"], chaos_cdm["threshold"]) == ("average_otsu", "otsu")
+
+
+@pytest.mark.parametrize("bundle", sorted(BUNDLES))
+def test_every_method_passes_monai_property_checks(bundle, env):
+    """What MONAI's own tools (model-zoo CI, MONAI Label) check: the infer workflow's required properties."""
+    from monai_wsss.bundle import bundle_methods, method_config_files
+
+    for method in bundle_methods(BUNDLES[bundle]):
+        for evaluate in (False, True):
+            workflow = ConfigWorkflow(
+                config_file=method_config_files(BUNDLES[bundle], method, evaluate), logging_file=False,
+                workflow_type="infer", dataset_dir=str(env["brats"] if bundle == "brats" else env["chaos"]),
+                output_dir=str(env["root"] / "unused"), **bundle_overrides(env, method, bundle),
+            )
+            workflow.initialize()
+            assert workflow.check_properties() == [], (method, evaluate)
+            assert workflow.parser.get("dataset#transform") == "@preprocessing"
+            assert workflow.parser.get("evaluator#postprocessing") == "@postprocessing"
 
 
 def test_default_bundle_root_is_the_bundle_wherever_the_command_runs(tmp_path, monkeypatch):
@@ -166,6 +217,7 @@ def test_inference_on_a_folder_writes_map_and_mask_in_input_space(env, tmp_path)
     out = tmp_path / "infer"
     result = run_bundle(env, "inference.json", dataset_dir=str(env["brats"]), output_dir=str(out), method="cdm")
     assert result["summary"] is None  # inference does not score
+    assert len(result["rows"]) == len(env["items"])
     rows = read_csv(out / "predictions.csv")
     assert [r["case"] for r in rows] == [it["case"] for it in env["items"]]
     for item, row in zip(env["items"], rows):
@@ -186,6 +238,7 @@ def test_inference_is_reproducible_with_its_seed(env, tmp_path):
     b = run_bundle(env, "inference.json", output_dir=str(tmp_path / "b"), **run)
     c = run_bundle(env, "inference.json", output_dir=str(tmp_path / "c"), seed=5, **run)
     maps = [np.asarray(nib.load(r["rows"][0]["map"]).dataobj) for r in (a, b, c)]
+    assert maps[0].any()
     np.testing.assert_array_equal(maps[0], maps[1])
     assert not np.array_equal(maps[0], maps[2])
 
@@ -238,10 +291,10 @@ def test_classifier_free_guidance_needs_a_null_class(env, tmp_path):
     # the network asks for a null class but the weights have none: the loader says so
     with pytest.raises(RuntimeError) as err:
         run_bundle(env, "inference.json", dataset_dir=str(env["brats"]), output_dir=str(tmp_path), method="cfg", null_class=True)
-    assert "null class" in str(root_cause(err.value)) and "model.pt" in str(root_cause(err.value))
+    assert "null class" in str(root_cause(err.value)) and "diffusion.pt" in str(root_cause(err.value))
     result = run_bundle(
         env, "inference.json", dataset_dir=str(env["brats"]), output_dir=str(tmp_path / "cfg"), method="cfg",
-        null_class=True, model_path=str(env["models"] / "model_null.pt"),
+        null_class=True, diffusion_path=str(env["models"] / "diffusion_null.pt"),
     )
     assert_input_space(env["items"][0]["image"], result["rows"][0]["mask"])
 
@@ -250,7 +303,7 @@ def test_chaos_bundle_on_a_chaos_folder(env, tmp_path):
     # the CHAOS bundle's weights have a null class: the tiny test weights with one stand in for them, and cfg runs
     result = run_bundle(
         env, "evaluate.json", bundle="chaos", dataset_dir=str(env["chaos"]), output_dir=str(tmp_path), num_overlays=1,
-        model_path=str(env["models"] / "model_null.pt"), method="cfg",
+        method="cfg",
     )
     assert [r["case"] for r in result["rows"]] == ["1", "2", "3"]
     assert result["summary"]["num_cases"] == 3
@@ -296,13 +349,13 @@ def test_datalist_split_of_a_training_run(env, tmp_path):
         ({}, ValueError, "--dataset_dir"),
         ({"dataset_dir": "/nonexistent/brats"}, FileNotFoundError, "/nonexistent/brats"),
         ({"image": "/nonexistent/case.nii.gz"}, FileNotFoundError, "/nonexistent/case.nii.gz"),
-        ({"method": "gradcam"}, ValueError, "unknown method 'gradcam'"),
-        ({"model_path": "/nonexistent/model.pt", "method": "cdm"}, FileNotFoundError, "/nonexistent/model.pt"),
+        ({"diffusion_path": "/nonexistent/diffusion.pt", "method": "cdm"}, FileNotFoundError, "/nonexistent/diffusion.pt"),
         ({"method": "cg_cdm", "classifier_path": "/nonexistent/clf.pt"}, FileNotFoundError, "/nonexistent/clf.pt"),
         ({"threshold": "median"}, ValueError, "threshold"),
-        ({"network_def#channels": [8, 32], "method": "cdm"}, ValueError, "does not fit"),
-        ({"segmenter_path": "/nonexistent/segmenter.pt"}, FileNotFoundError, "/nonexistent/segmenter.pt"),
-        ({"segmenter_def#channels": [8, 16, 32, 64]}, ValueError, "does not fit"),
+        ({"threshold": 1.5}, ValueError, "threshold"),
+        ({"diffusion_def#channels": [8, 32], "method": "cdm"}, ValueError, "does not fit"),
+        ({"model_path": "/nonexistent/model.pt"}, FileNotFoundError, "/nonexistent/model.pt"),
+        ({"network_def#channels": [8, 16, 32, 64]}, ValueError, "does not fit"),
     ],
 )
 def test_bad_inputs_give_clear_errors(env, tmp_path, overrides, error, words):
@@ -313,6 +366,13 @@ def test_bad_inputs_give_clear_errors(env, tmp_path, overrides, error, words):
         run_bundle(env, "inference.json", output_dir=str(tmp_path), **args)
     cause = root_cause(err.value)
     assert isinstance(cause, error) and words in str(cause), repr(cause)
+
+
+def test_unknown_method_names_the_bundles_methods():
+    from monai_wsss.bundle import method_config_files
+
+    with pytest.raises(ValueError, match="unknown method 'gradcam'.*cg_cdm"):
+        method_config_files(BUNDLES["brats"], "gradcam")
 
 
 def test_evaluate_needs_ground_truth(env, tmp_path):
@@ -326,15 +386,38 @@ def test_command_line(env, tmp_path):
     """The documented command, in a fresh process, with list overrides the way a shell passes them."""
     cmd = [
         sys.executable, "-m", "monai.bundle", "run",
-        "--config_file", str(BUNDLES["brats"] / "configs" / "inference.json"),
+        "--config_file", str([str(BUNDLES["brats"] / "configs" / f) for f in ("inference.json", "inference_cdm.json")]),
         "--dataset_dir", str(env["brats"]), "--output_dir", str(tmp_path),
-        "--model_path", str(env["models"] / "model.pt"), "--method", "cdm",
+        "--diffusion_path", str(env["models"] / "diffusion.pt"),
     ]
     for key, value in {**TINY_NETS, **FAST}.items():
-        if not key.startswith("classifier_def"):
-            cmd += [f"--{key}", repr(value)]  # Python literals, as fire parses them
+        cmd += [f"--{key}", repr(value)]  # Python literals, as fire parses them
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = read_csv(tmp_path / "predictions.csv")
     assert len(rows) == 3
     assert_input_space(env["items"][2]["image"], rows[2]["map"], rows[2]["mask"])
+
+
+def test_preprocessing_inferer_postprocessing_make_the_workflows_mask_as_monai_label_runs_them(env, tmp_path):
+    """MONAI Label's bundle task runs the config's `preprocessing`, `inferer` and `postprocessing` itself (no
+    evaluator, no run folder): by hand they must turn a scan into the mask the workflow writes, in the scan's space."""
+    from monai_wsss.bundle import method_config_files
+
+    item = env["items"][0]
+    workflow = ConfigWorkflow(
+        config_file=method_config_files(BUNDLES["brats"]), logging_file=False, workflow_type="infer",
+        image=item["image"], output_dir=str(tmp_path / "by_hand"), progress=False, min_component_size=5,
+    )
+    workflow.initialize()
+    pre, inferer, post, net = (workflow.parser.get_parsed_content(k) for k in ("preprocessing", "inferer", "postprocessing", "network"))
+    data = pre({"image": item["image"], "output_name": "by_hand"})
+    with torch.no_grad():
+        data["pred"] = inferer(data["image"][None], net)[0]
+    out = post(data)
+    assert float(out["pred"].max()) > 0  # the committed segmenter gives a real probability map
+    result = run_bundle(env, "inference.json", image=item["image"], output_dir=str(tmp_path / "workflow"), min_component_size=5)
+    assert_input_space(item["image"], out["mask_path"], out["pred_path"])
+    np.testing.assert_array_equal(
+        np.asarray(nib.load(out["mask_path"]).dataobj), np.asarray(nib.load(result["rows"][0]["mask"]).dataobj)
+    )

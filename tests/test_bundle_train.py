@@ -35,8 +35,8 @@ from monai_wsss.data import make_synthetic_dataset
 SCHEMA = REPO / "bundles" / "schema" / "meta_schema_monai_wsss.json"
 TRAIN_CONFIGS = ("train_diffusion.json", "train_classifier.json")
 REQUIRED_FILES = (
-    "configs/metadata.json", "configs/train_diffusion.json", "configs/train_classifier.json",
-    "configs/multi_gpu_train_diffusion.json", "configs/multi_gpu_train_classifier.json", "configs/logging.conf",
+    "configs/metadata.json", "configs/inference.json", "configs/evaluate.json", "configs/train.json",
+    "configs/train_diffusion.json", "configs/train_classifier.json", "configs/multi_gpu_train.json", "configs/logging.conf",
     "LICENSE",
 )
 # a few iterations at 32 x 32 with a 2-step CDM validation on a handful of slices
@@ -84,6 +84,34 @@ def test_bundle_layout_metadata_and_network_io(bundle, tmp_path):
     verify_bundle_networks(BUNDLES[bundle])
     meta = json.loads((BUNDLES[bundle] / "configs" / "metadata.json").read_text())
     assert meta["classifier_data_format"]["outputs"]["pred"]["num_channels"] == 2
+    # the default network is the segmenter, as MONAI's tools (bundle load, MONAI Label) read it
+    assert meta["network_data_format"]["outputs"]["pred"]["format"] == "segmentation"
+    assert "optional_packages_version" not in meta and "monai_wsss" in meta["required_packages_version"]
+    parsed = ConfigParser()
+    parsed.read_meta(str(BUNDLES[bundle] / "configs" / "metadata.json"))
+    assert "monai_wsss" in parsed["_meta_"]["required_packages_version"]  # MONAI keeps every required package
+
+
+@pytest.mark.parametrize("bundle", sorted(BUNDLES))
+def test_default_network_exports_to_torchscript_that_reloads(bundle, tmp_path):
+    """`python -m monai.bundle ckpt_export network_def` on the committed default weights, then reload and compare."""
+    from monai.bundle import ckpt_export
+
+    configs = BUNDLES[bundle] / "configs"
+    out = tmp_path / "model.ts"
+    ckpt_export(
+        net_id="network_def", filepath=str(out), ckpt_file=str(BUNDLES[bundle] / "models" / "model.pt"),
+        meta_file=str(configs / "metadata.json"), config_file=str(configs / "inference.json"),
+        bundle_root=str(BUNDLES[bundle]), use_trace=False,
+    )
+    scripted = torch.jit.load(str(out))
+    parser = ConfigParser()
+    parser.read_config(str(configs / "inference.json"))
+    net = parser.get_parsed_content("network_def")
+    net.load_state_dict(torch.load(BUNDLES[bundle] / "models" / "model.pt", map_location="cpu", weights_only=True))
+    x = torch.rand(1, 1, 96, 96) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), net.eval()(x))
 
 
 def test_metadata_missing_a_mandatory_key_fails(tmp_path):
@@ -132,12 +160,12 @@ def test_train_diffusion_runs_validates_and_saves(bundle, datasets, tmp_path):
     assert checkpoint["ema"]["num_updates"] == 2
     net = config_of(bundle, "train_diffusion.json", spatial_size=[32, 32], **cfg).get_parsed_content("network_def")
     assert net.class_embedding.num_embeddings == (3 if cfg else 2)
-    for name in ("model.pt", "model_final.pt"):
+    for name in ("diffusion.pt", "diffusion_final.pt"):
         state = _load_state(models / name)
         net.load_state_dict(state)  # plain state_dict, strict
     # the saved model is the EMA average, not the raw weights
     ema_weight = checkpoint["ema"]["ema_network"]["conv_in.conv.weight"]
-    assert torch.equal(_load_state(models / "model_final.pt")["conv_in.conv.weight"], ema_weight)
+    assert torch.equal(_load_state(models / "diffusion_final.pt")["conv_in.conv.weight"], ema_weight)
     assert not torch.equal(checkpoint["network"]["conv_in.conv.weight"], ema_weight)
     assert list(out.glob("events.out.tfevents.*")), "no TensorBoard log"
     splits = json.loads((out / "datalist.json").read_text())
@@ -197,7 +225,7 @@ def test_resume_after_a_killed_run_loses_no_epoch(datasets, tmp_path):
 
 @pytest.mark.slow
 def test_two_process_gloo_training(datasets, tmp_path):
-    configs = json.dumps([str(BUNDLES["brats"] / "configs" / n) for n in ("train_diffusion.json", "multi_gpu_train_diffusion.json")])
+    configs = json.dumps([str(BUNDLES["brats"] / "configs" / n) for n in ("train_diffusion.json", "multi_gpu_train.json")])
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     cmd = _cli("train_diffusion.json", datasets["brats"], tmp_path, {"max_epochs": 2, "use_ema": True}, prefix=torchrun)
     cmd[cmd.index("--config_file") + 1] = configs
@@ -208,7 +236,7 @@ def test_two_process_gloo_training(datasets, tmp_path):
     checkpoint = _load_state(tmp_path / "outputs" / "train_diffusion" / "checkpoints" / "checkpoint_epoch=2.pt")
     # each rank ran 2 iterations per epoch on its half of the data
     assert checkpoint["trainer"]["iteration"] == 4
-    assert (tmp_path / "models" / "model.pt").is_file()
+    assert (tmp_path / "models" / "diffusion.pt").is_file()
 
 
 def test_release_distributed_frees_a_ddp_wrapper_in_a_cycle_before_exit(monkeypatch):

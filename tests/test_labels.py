@@ -255,7 +255,7 @@ PER_CONFIG = {
     "train_classifier.json": {"val_batch_size": 16},
     "train_diffusion.json": {"val_interval": 1, "val_max_slices": 8, "validate#num_steps": 2,
                              "validate#noise_level": 20},
-    "train_segmentation.json": {"val_batch_size": 16, "segmenter_spatial_size": [SIZE, SIZE], **TINY_SEGMENTER},
+    "train.json": {"val_batch_size": 16, "segmenter_spatial_size": [SIZE, SIZE], **TINY_SEGMENTER},
 }
 
 
@@ -292,29 +292,28 @@ def test_every_training_config_runs_from_labels_without_masks(bundle, without_ma
         cause = cause.__cause__
     assert isinstance(cause, ValueError) and "pass --labels labels.csv" in str(cause)
     for name, overrides in PER_CONFIG.items():
-        # the multi-GPU overrides leave the labels and the data they select untouched
-        multi = json.loads((configs / f"multi_gpu_{name}").read_text())
+        # the multi-GPU override leaves the labels and the data they select untouched
+        multi = json.loads((configs / "multi_gpu_train.json").read_text())
         assert not {"labels", "slice_labels", "splits", "pseudo_val_items"} & set(multi)
         assert not any(k.endswith("#dataset") or k.endswith("#prepare_batch") for k in multi)
         run(config_file=str(configs / name), bundle_root=str(root), dataset_dir=str(dataset), labels=str(labels),
             **FAST, **overrides)
     models = root / "models"
-    assert {"classifier.pt", "model.pt", "segmenter.pt"} <= {p.name for p in models.iterdir()}
+    assert {"classifier.pt", "diffusion.pt", "model.pt"} <= {p.name for p in models.iterdir()}
     # the segmenter was validated against the validation scans' pseudo-masks (made from labels), not against masks
-    datalist = json.loads((root / "outputs" / "train_segmentation" / "datalist.json").read_text())
+    datalist = json.loads((root / "outputs" / "train" / "datalist.json").read_text())
     assert not any("seg" in it for name in ("training", "validation") for it in datalist[name])
     pseudo = {p.name for p in (root / "outputs" / "pseudo_masks").rglob("*_pseudo.nii.gz")}
     assert {f"{it['case']}_pseudo.nii.gz" for it in datalist["validation"]} <= pseudo
     # the segmenter it trained runs through inference.json on the same mask-free folder
-    state = torch.load(models / "segmenter.pt", map_location="cpu", weights_only=True)
+    state = torch.load(models / "model.pt", map_location="cpu", weights_only=True)
     gen = torch.Generator().manual_seed(0)
     torch.save({k: v + 0.05 * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v
-                for k, v in state.items()}, models / "segmenter.pt")
+                for k, v in state.items()}, models / "model.pt")
     workflow = ConfigWorkflow(
         config_file=str(configs / "inference.json"), logging_file=False, workflow_type="infer",
-        dataset_dir=str(dataset), output_dir=str(tmp_path / "masks"), segmenter_path=str(models / "segmenter.pt"),
-        segmenter_spatial_size=[SIZE, SIZE], progress=False,
-        **{"segmenter_def#channels": [4, 8, 16], "segmenter_def#strides": [2, 2], "segmenter_def#num_res_units": 1},
+        dataset_dir=str(dataset), output_dir=str(tmp_path / "masks"), model_path=str(models / "model.pt"),
+        roi_size=[SIZE, SIZE], progress=False, **TINY_SEGMENTER,
     )
     workflow.initialize()
     workflow.run()
@@ -324,10 +323,10 @@ def test_every_training_config_runs_from_labels_without_masks(bundle, without_ma
 
 def test_selection_with_pixel_masks_is_an_explicit_option():
     for bundle in BUNDLES:
-        for name in ("train_diffusion.json", "train_segmentation.json"):
+        for name in ("train_diffusion.json", "train.json"):
             parser = ConfigParser(json.loads((BUNDLES[bundle] / "configs" / name).read_text()))
             assert parser.get("select_with_pixel_masks") is False and parser.get("labels") is None
             assert "keep_validation_masks=@pixel_validation" in parser.get("splits")
             assert parser.get("validate#prepare_batch#target_key") == "$'seg' if @pixel_validation else " + (
-                "'pseudo'" if name == "train_segmentation.json" else "'label'"
+                "'pseudo'" if name == "train.json" else "'label'"
             )

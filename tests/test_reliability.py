@@ -34,6 +34,7 @@ from monai_wsss.transforms import TEMP_PREFIX, ScaleIntensityNonzeroPercentiles
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "bundles" / "brats_cdm" / "configs" / "inference.json"
+CDM_CONFIGS = [str(CONFIG), str(CONFIG.parent / "inference_cdm.json")]
 SHAPE = (32, 32, 8)
 
 
@@ -196,26 +197,26 @@ def test_options_are_typed_and_unknown_keys_refused(tmp_path):
             parse_option(*args)
 
     parser = ConfigParser()
-    parser.read_config(str(CONFIG))
+    parser.read_config(CDM_CONFIGS)
     parser.update(
-        {"method": "threshold", "largest_component": "false", "progress": "false", "null_class": "true",
-         **{f"network_def#{k}": v for k, v in TINY_UNET.items() if k in ("channels", "attention_levels", "num_head_channels", "norm_num_groups")}}
+        {"progress": "false", "null_class": "true", "overwrite": "no",
+         **{f"diffusion_def#{k}": v for k, v in TINY_UNET.items() if k in ("channels", "attention_levels", "num_head_channels", "norm_num_groups")}}
     )
-    pipe = parser.get_parsed_content("pipeline")
-    assert pipe.largest_component is False and pipe.volume_inferer.progress is False
-    assert parser.get_parsed_content("network_def").null_class == 2  # 'true' -> a null class, not a crash
+    assert parser.get_parsed_content("inferer").progress is False
+    assert parser.get_parsed_content("run_folder#overwrite") is False
+    assert parser.get_parsed_content("diffusion_def").null_class == 2  # 'true' -> a null class, not a crash
     parser.update({"null_class": "false"})
-    assert parser.get_parsed_content("network_def", lazy=False).null_class is None
+    assert parser.get_parsed_content("diffusion_def", lazy=False).null_class is None
 
-    argv = ["monai.bundle", "run", "--config_file", str(CONFIG), "--noise_levle", "50", "--network_def#channels", "[8]"]
+    argv = ["monai.bundle", "run", "--config_file", str(CDM_CONFIGS), "--noise_levle", "50", "--diffusion_def#channels", "[8]"]
     with pytest.raises(ValueError, match="noise_levle.*did you mean --noise_level"):
         check_command_line(argv)
-    assert check_command_line(argv[:4] + argv[6:]) == ["config_file", "network_def#channels"]
+    assert check_command_line(argv[:4] + argv[6:]) == ["config_file", "diffusion_def#channels"]
 
 
 def test_unknown_command_line_key_fails_before_any_compute(cases, tmp_path):
     cmd = [
-        sys.executable, "-m", "monai.bundle", "run", "--config_file", str(CONFIG), "--method", "threshold",
+        sys.executable, "-m", "monai.bundle", "run", "--config_file", str(CDM_CONFIGS),
         "--image", cases[0]["image"], "--output_dir", str(tmp_path / "out"), "--noise_levle", "50",
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -269,12 +269,11 @@ TINY_SEGMENTER = {"network_def#channels": [4, 8, 16], "network_def#strides": [2,
 
 @pytest.mark.parametrize("bundle", sorted(BUNDLES))
 def test_segmentation_configs_match_between_training_and_inference(bundle):
-    train = ConfigParser(json.loads((BUNDLES[bundle] / "configs" / "train_segmentation.json").read_text()))
-    for name in ("inference.json", "evaluate.json"):
-        infer = ConfigParser(json.loads((BUNDLES[bundle] / "configs" / name).read_text()))
-        assert infer.get("segmenter_def") == train.get("network_def")
-        assert infer.get("segmenter_spatial_size") == train.get("segmenter_spatial_size")
-        assert infer.get("task") == train.get("task")
+    train = ConfigParser(json.loads((BUNDLES[bundle] / "configs" / "train.json").read_text()))
+    infer = ConfigParser(json.loads((BUNDLES[bundle] / "configs" / "inference.json").read_text()))
+    assert infer.get("network_def") == train.get("network_def")  # the default network is the segmenter
+    assert infer.get("roi_size") == train.get("segmenter_spatial_size")
+    assert infer.get("task") == train.get("task")
     diffusion = ConfigParser(json.loads((BUNDLES[bundle] / "configs" / "train_diffusion.json").read_text()))
     assert train.get("source_network_def") == diffusion.get("network_def")
     assert train.get("null_class") == diffusion.get("null_class")
@@ -285,49 +284,50 @@ def test_train_segmentation_then_evaluate_with_gate_and_components(cases, tmp_pa
     fast = {"max_epochs": 1, "epoch_length": 3, "batch_size": 4, "val_batch_size": 16, "progress_bar": False,
             "segmenter_spatial_size": [SIZE, SIZE], "spatial_size": [SIZE, SIZE], "val_fraction": 0.2,
             "test_fraction": 0.2}
-    run(config_file=str(BUNDLES["brats"] / "configs" / "train_segmentation.json"), bundle_root=str(tmp_path),
+    run(config_file=str(BUNDLES["brats"] / "configs" / "train.json"), bundle_root=str(tmp_path),
         dataset_dir=dataset, **fast, **TINY_SEGMENTER)
     models = tmp_path / "models"
-    assert (models / "segmenter.pt").exists() and (models / "segmenter_final.pt").exists()
-    state = torch.load(models / "segmenter.pt", map_location="cpu", weights_only=True)
+    assert (models / "model.pt").exists() and (models / "model_final.pt").exists()
+    state = torch.load(models / "model.pt", map_location="cpu", weights_only=True)
     pseudo = list((tmp_path / "outputs" / "pseudo_masks").rglob("*_pseudo.nii.gz"))
-    datalist = json.loads((tmp_path / "outputs" / "train_segmentation" / "datalist.json").read_text())
+    datalist = json.loads((tmp_path / "outputs" / "train" / "datalist.json").read_text())
     # training scans (what the network learns from) and validation scans (what selects its checkpoint, without masks)
     assert len(pseudo) == len(datalist["training"]) + len(datalist["validation"])
     # perturb the trained weights so the tiny network gives a real (non-constant) map, then evaluate
     gen = torch.Generator().manual_seed(0)
     torch.save({k: v + 0.05 * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v
-                for k, v in state.items()}, models / "segmenter.pt")
+                for k, v in state.items()}, models / "model.pt")
     torch.manual_seed(1)
     clf = NoisyClassifier(spatial_dims=2, in_channels=1, num_classes=2, input_shape=(SIZE, SIZE), channels=(8, 16),
                           attention_levels=(False, False), num_res_blocks=1, num_head_channels=8, norm_num_groups=4)
     torch.save(perturb(clf).state_dict(), models / "classifier.pt")
     overrides = {
-        "segmenter_path": str(models / "segmenter.pt"), "segmenter_spatial_size": [SIZE, SIZE], "spatial_size": [SIZE, SIZE],
-        "segmenter_def#channels": [4, 8, 16], "segmenter_def#strides": [2, 2], "segmenter_def#num_res_units": 1,
-        "min_component_size": 5, "progress": False, "num_overlays": 0, "slice_gate": 0.5,
+        "model_path": str(models / "model.pt"), "roi_size": [SIZE, SIZE], "spatial_size": [SIZE, SIZE],
+        **TINY_SEGMENTER, "min_component_size": 5, "progress": False, "num_overlays": 0, "slice_gate": 0.5,
         "classifier_path": str(models / "classifier.pt"), "classifier_def#channels": [8, 16],
         "classifier_def#attention_levels": [False, False], "classifier_def#num_head_channels": 8,
         "classifier_def#norm_num_groups": 4,
     }
-    workflow = ConfigWorkflow(config_file=str(BUNDLES["brats"] / "configs" / "evaluate.json"), logging_file=False,
-                              workflow_type="infer", dataset_dir=dataset, method="segmenter",
+    configs = [str(BUNDLES["brats"] / "configs" / n) for n in ("inference.json", "slice_gate.json", "evaluate.json")]
+    workflow = ConfigWorkflow(config_file=configs, logging_file=False, workflow_type="infer", dataset_dir=dataset,
                               output_dir=str(tmp_path / "eval"), **overrides)
     workflow.initialize()
-    result = workflow.run()[0]
+    workflow.run()
+    state = workflow.evaluator.state
+    assert workflow.parser.get_parsed_content("mask_threshold") == default_threshold("segmenter", "brats") == 0.5
+    assert workflow.parser.get_parsed_content("volume_aware").transforms[0].threshold == 0.5  # the gate is on
     workflow.finalize()
-    assert result["threshold"] == default_threshold("segmenter", "brats") == 0.5
-    assert result["summary"]["num_positive_volumes"] >= 1
+    assert state.summary["num_positive_volumes"] >= 1
     masks = sorted((tmp_path / "eval").glob("*_mask.nii.gz"))
     assert len(masks) == len(cases)
     assert nib.load(str(masks[0])).shape == SHAPE
     # a second round: the trained segmenter relabels the training split (pseudo_source segmenter)
     round2 = tmp_path / "round2"
-    run(config_file=str(BUNDLES["brats"] / "configs" / "train_segmentation.json"), bundle_root=str(round2),
+    run(config_file=str(BUNDLES["brats"] / "configs" / "train.json"), bundle_root=str(round2),
         dataset_dir=dataset, pseudo_source="segmenter", pseudo_threshold=0.5,
-        source_segmenter_path=str(models / "segmenter.pt"), **fast, **TINY_SEGMENTER)
+        source_segmenter_path=str(models / "model.pt"), **fast, **TINY_SEGMENTER)
     settings = [json.loads(p.read_text()) for p in (round2 / "outputs" / "pseudo_masks").rglob("settings.json")]
     assert [s["source"] for s in settings] == ["segmenter at 0.5"]
     assert settings[0]["pipeline"]["inferer"]["class"] == "SegmentationProbabilityInferer"
     round2_masks = sorted((round2 / "outputs" / "pseudo_masks").rglob("*_pseudo.nii.gz"))
-    assert len(round2_masks) == len(pseudo) and (round2 / "models" / "segmenter.pt").exists()
+    assert len(round2_masks) == len(pseudo) and (round2 / "models" / "model.pt").exists()

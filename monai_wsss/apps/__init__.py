@@ -16,7 +16,15 @@ from monai_wsss.apps.methods import (
 )
 from monai_wsss.apps.pipeline import THRESHOLD_MODES, VolumeSegmentationPipeline
 from monai_wsss.apps.pseudo_masks import PseudoMaskGenerator
-from monai_wsss.apps.run_folder import MANIFEST_NAME, RunFolder, RunFolderError, unique_output_stems
+from monai_wsss.apps.run_folder import (
+    MANIFEST_NAME,
+    RunFolder,
+    RunFolderError,
+    component_settings,
+    name_run_items,
+    run_settings,
+    unique_output_stems,
+)
 from monai_wsss.apps.reports import (
     VolumeEvaluation,
     format_summary_table,
@@ -40,6 +48,7 @@ __all__ = [
     "VolumeEvaluation",
     "VolumeSegmentationPipeline",
     "build_method_inferer",
+    "component_settings",
     "default_map_mode",
     "default_min_component_size",
     "default_normalize_per",
@@ -48,6 +57,8 @@ __all__ = [
     "list_volumes",
     "load_weights",
     "locate_bundle_root",
+    "name_run_items",
+    "run_settings",
     "save_overlay",
     "select_overlay_slices",
     "unique_output_stems",

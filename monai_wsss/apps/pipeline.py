@@ -24,9 +24,9 @@ from monai_wsss.data import TASKS, TaskPreset, volume_preprocess
 from monai_wsss.data.slice_dataset import _UnwrappedErrors
 from monai_wsss.engines import SegmentationPrepareBatch
 from monai_wsss.handlers import DatasetThresholdHandler, RunFolderHandler, VolumeReportHandler
-from monai_wsss.inferers import SliceProbabilityInferer, VolumeInferer
+from monai_wsss.inferers import VolumeInferer
 from monai_wsss.networks.precision import AutocastNetwork
-from monai_wsss.transforms import NormalizeMap, OtsuThreshold, map_writer
+from monai_wsss.transforms import NormalizeMap, OtsuThreshold, SliceGated, map_writer
 
 __all__ = ["VolumeSegmentationPipeline", "THRESHOLD_MODES"]
 
@@ -165,11 +165,9 @@ class VolumeSegmentationPipeline:
         )
         # kept as an attribute so that a run's manifest records its weights (run_settings)
         self.gate_classifier = gate_classifier if self.slice_gate is not None else None
-        self.gate = None if self.slice_gate is None else SliceProbabilityInferer(gate_classifier)  # type: ignore[arg-type]
-        # the classifier's own model space (its input size), with the slices' resize and scaling rules
-        self.gate_space = VolumeInferer(
+        self.gate = None if self.slice_gate is None else SliceGated(
+            "mask", gate_classifier, self.slice_gate, self.slice_axis,  # type: ignore[arg-type]
             roi_size=tuple(getattr(gate_classifier, "input_shape", None) or self.volume_inferer.roi_size),
-            slice_axis=self.slice_axis,
         )
         self.preprocess = volume_preprocess(self.preset)
         try:
@@ -250,21 +248,13 @@ class VolumeSegmentationPipeline:
         """
         if self.gate is None:
             raise ValueError("this pipeline has no slice gate (slice_gate=None).")
-        slices = convert_to_tensor(image, track_meta=False)[0].movedim(self.slice_axis, 0).float()  # (n, a, b)
-        prob = torch.zeros(slices.shape[0])
-        todo = torch.nonzero(slices.flatten(1).ne(0).any(1)).flatten()
-        for start in range(0, int(todo.numel()), 64):
-            chunk = todo[start : start + 64]
-            x = self.gate_space.to_model_space(slices[chunk][:, None].to(self.device))
-            prob[chunk] = self.gate.probabilities(x).cpu()
-        return prob
+        return self.gate.probabilities(image)
 
     def slice_mask(self, image: torch.Tensor) -> torch.Tensor:
         """``(1, H, W, D)``-broadcastable 0/1 tensor: the slices the gate keeps (probability >= ``slice_gate``)."""
-        keep = (self.slice_probabilities(image) >= self.slice_gate).float()
-        shape = [1, 1, 1, 1]
-        shape[self.slice_axis + 1] = -1
-        return keep.reshape(shape)
+        if self.gate is None:
+            raise ValueError("this pipeline has no slice gate (slice_gate=None).")
+        return self.gate.keep(image)
 
     def segment(self, item: Mapping | str | os.PathLike, threshold: str | float | None = None) -> dict:
         """

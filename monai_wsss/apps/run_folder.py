@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from monai.inferers import Inferer
+from monai.transforms import Transform
 
 from monai_wsss.transforms.io import TEMP_PREFIX, remove_stale_temporaries, write_text_atomic
 
@@ -31,6 +33,7 @@ __all__ = [
     "component_settings",
     "input_checksum",
     "name_run_items",
+    "run_settings",
     "state_dict_checksum",
     "unique_output_stems",
 ]
@@ -161,11 +164,12 @@ def name_run_items(items: Sequence[Mapping | str | os.PathLike]) -> list[dict]:
     return out
 
 
-def component_settings(obj: Any) -> Any:
+def component_settings(obj: Any, _depth: int = 0) -> Any:
     """
     The plain settings of a run component for a manifest: its public attributes that are numbers, strings or
     lists of them, and a SHA-256 of every network's weights (and of small tensors); a ``Compose`` gives the
-    settings of each transform, a list or tuple the settings of each element.
+    settings of each transform, a list or tuple those of each element, and a component held by another (the
+    ``AsDiscrete`` inside ``AsDiscreted``, the inner inferer of a ``VolumeInferer``) is described in turn.
 
     Example::
 
@@ -176,12 +180,12 @@ def component_settings(obj: Any) -> Any:
     if isinstance(obj, plain):
         return obj
     if isinstance(obj, (list, tuple)):
-        return [component_settings(v) for v in obj]
+        return [component_settings(v, _depth + 1) for v in obj]
     if isinstance(obj, torch.nn.Module):
         return {"class": type(obj).__name__, "weights_sha256": state_dict_checksum(obj)}
     transforms = getattr(obj, "transforms", None)
     if isinstance(transforms, (list, tuple)):  # a MONAI Compose
-        return [component_settings(t) for t in transforms]
+        return [component_settings(t, _depth + 1) for t in transforms]
     out: dict[str, Any] = {"class": type(obj).__name__}
     for key, value in sorted(vars(obj).items()) if hasattr(obj, "__dict__") else ():
         if key.startswith("_"):
@@ -192,7 +196,25 @@ def component_settings(obj: Any) -> Any:
             out[f"{key}_sha256"] = state_dict_checksum(value)
         elif isinstance(value, torch.Tensor) and value.numel() <= 1 << 16:
             out[f"{key}_sha256"] = hashlib.sha256(value.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+        elif _depth < 3 and isinstance(value, (Transform, Inferer)):
+            out[key] = component_settings(value, _depth + 1)
     return out
+
+
+def run_settings(**components: Any) -> dict:
+    """
+    Everything a bundle run's results depend on, for its :py:class:`RunFolder` manifest: the package version and
+    :py:func:`component_settings` of each named component (network, inferer, postprocessing, options ...).
+
+    Example::
+
+        "run_folder": {"_target_": "monai_wsss.apps.RunFolder", "output_dir": "@output_dir", "inputs": "@run_items",
+                       "settings": "$monai_wsss.apps.run_settings(network=@network, inferer=@inferer,
+                                                                  postprocessing=@postprocessing)"}
+    """
+    import monai_wsss
+
+    return {"package": f"monai_wsss {monai_wsss.__version__}", **{k: component_settings(v) for k, v in components.items()}}
 
 
 def _jsonable(value: Any) -> Any:

@@ -9,7 +9,7 @@ time of a whole 240 x 240 x 155 volume through CDM with :class:`~monai_wsss.infe
 ``--mode volume`` times the whole path a bundle user waits for (load, map, post-process, write) on one volume,
 per stage and method (see :py:mod:`monai_wsss.benchmark.volume`).
 
-With ``--bundle_root`` each method runs at the bundle's ``configs/inference.json`` defaults with the bundle's
+With ``--bundle_root`` each method runs at the defaults of the bundle's method configs (``configs/inference_<method>.json``) with the bundle's
 networks; options given on the command line override them. Without it, timing does not depend on the weights'
 values, so untrained networks of the bundles' architecture are used unless ``--weights`` are given.
 """
@@ -34,7 +34,7 @@ from monai_wsss.transforms.io import write_text_atomic
 
 __all__ = ["default_networks", "time_call", "run_speed_benchmark", "resolve_speed_settings", "write_result", "main"]
 
-# speed option -> the bundle inference.json key that gives its default, and the default without a bundle
+# speed option -> the bundle method setting (bundle_method_settings) that gives its default, and the default without a bundle
 SPEED_SETTINGS = {
     "cdm_noise_level": ("noise_level", 200),
     "cdm_steps": ("num_steps", 10),

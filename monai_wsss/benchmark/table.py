@@ -5,7 +5,7 @@ The paper's comparison table: every method on the same test slices with the same
     python -m monai_wsss.benchmark table --bundle_root bundles/brats_cdm --dataset_dir ../shared/data/brats2018 \
         --task brats --out_dir outputs/table_brats
 
-For one dataset and one trained bundle (``models/model.pt`` and ``models/classifier.pt`` built from the bundle's
+For one dataset and one trained bundle (``models/diffusion.pt`` and ``models/classifier.pt`` built from the bundle's
 ``train_diffusion.json`` / ``train_classifier.json`` network definitions), the test split of the bundle's own
 case-level split is sliced and moved to model space exactly as in training. A seeded subset of the positive slices
 (``--max_slices``) is scored when the full set would take hours (CG-Diff costs tens of seconds per slice on CPU).
@@ -83,19 +83,19 @@ class MethodSpec:
 def load_bundle_networks(bundle_root: str | Path, device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module | None]:
     """
     The diffusion network and noisy classifier of a bundle, built from its training configs' ``network_def``
-    and loaded from ``models/model.pt`` / ``models/classifier.pt`` (``weights_only=True``).
+    and loaded from ``models/diffusion.pt`` / ``models/classifier.pt`` (``weights_only=True``).
 
     Raises:
         FileNotFoundError: a missing config or diffusion weights file (named).
     """
     root = Path(bundle_root)
     nets = []
-    for config, weights in (("train_diffusion.json", "model.pt"), ("train_classifier.json", "classifier.pt")):
+    for config, weights in (("train_diffusion.json", "diffusion.pt"), ("train_classifier.json", "classifier.pt")):
         cfg_path, w_path = root / "configs" / config, root / "models" / weights
         if not cfg_path.is_file():
             raise FileNotFoundError(f"bundle config not found: {cfg_path}")
         if not w_path.is_file():
-            if weights == "model.pt":
+            if weights == "diffusion.pt":
                 raise FileNotFoundError(f"diffusion weights not found: {w_path}")
             nets.append(None)
             continue
@@ -405,20 +405,35 @@ def parser() -> argparse.ArgumentParser:
 
 def bundle_method_settings(bundle_root: str | Path) -> dict:
     """
-    The method settings of a bundle's ``configs/inference.json`` (the defaults a bundle user runs with).
+    The method settings a bundle user runs with, from the bundle's method configs (``configs/inference_cdm.json``,
+    ``inference_cg_cdm.json``, ``inference_cg_diff.json``, ``inference_cfg.json``), under this table's names.
 
     Raises:
-        FileNotFoundError: the bundle has no ``configs/inference.json``.
-        KeyError: the config lacks one of ``METHOD_SETTINGS`` (named).
+        FileNotFoundError: a method config is missing (named).
+        KeyError: a method config lacks a setting (named).
     """
-    path = Path(bundle_root) / "configs" / "inference.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"bundle inference config not found: {path}")
-    config = json.loads(path.read_text(encoding="utf-8"))
-    missing = [k for k in METHOD_SETTINGS if k not in config]
-    if missing:
-        raise KeyError(f"{path} lacks the method settings {missing}.")
-    return {k: config[k] for k in METHOD_SETTINGS}
+    configs = Path(bundle_root) / "configs"
+
+    def read(method: str) -> dict:
+        path = configs / f"inference_{method}.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"bundle method config not found: {path}")
+        return json.loads(path.read_text(encoding="utf-8"))
+
+    sources = {  # this table's name: (method config, key in it)
+        "noise_level": ("cdm", "noise_level"), "num_steps": ("cdm", "num_steps"), "tau": ("cdm", "tau"),
+        "guidance_scale": ("cg_cdm", "guidance_scale"), "guided_num_steps": ("cg_cdm", "num_steps"),
+        "cgdiff_level": ("cg_diff", "noise_level"), "cgdiff_guidance": ("cg_diff", "guidance_scale"),
+        "cfg_scale": ("cfg", "cfg_scale"),
+    }
+    loaded = {m: read(m) for m in {m for m, _ in sources.values()}}
+    settings = {}
+    for name, (method, key) in sources.items():
+        if key not in loaded[method]:
+            raise KeyError(f"{configs / f'inference_{method}.json'} lacks the setting {key!r}.")
+        settings[name] = loaded[method][key]
+    assert set(settings) == set(METHOD_SETTINGS)
+    return settings
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

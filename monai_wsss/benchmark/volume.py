@@ -1,14 +1,14 @@
 # Copyright (c) monai_wsss contributors. Licensed under the Apache License, Version 2.0.
 """
 Whole-volume speed: the time a bundle user waits for one volume, per stage, for every method of
-:py:data:`monai_wsss.apps.METHODS`, built from the bundle's own ``configs/inference.json`` (the ``pipeline`` it
-defines, so every default, ``sw_batch_size`` included, is the bundle's).
+:py:data:`monai_wsss.apps.METHODS`, built from the bundle's own method configs (``configs/inference.json`` and
+``configs/inference_<method>.json``, so every default, ``sw_batch_size`` included, is the bundle's).
 
     python -m monai_wsss.benchmark speed --mode volume --bundle_root bundles/brats_cdm \\
         --image ../shared/data/brats2018/Brats18_2013_11_1/Brats18_2013_11_1_flair.nii.gz
 
 The volume goes through ``VolumeSegmentationPipeline.run`` once per method and thread count (the default
-``torch.get_num_threads()`` a user gets, then 1 thread); ``load``, ``predict``, ``normalize``, ``binarize`` and the
+``torch.get_num_threads()`` a user gets, then 1 thread); the preprocessing (``load``), ``predict``, ``normalize``, ``binarize`` and the
 map/mask writers are timed where ``run`` calls them, everything else (Otsu thresholds, CSV, the second pass of the
 average Otsu threshold) is ``other``. A method whose weights are missing is skipped with a note; a method whose map
 would take longer than ``--max_map_seconds`` (estimated from a warm-up on two slices) is reported as an estimate only.
@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from monai.bundle import ConfigParser
 from monai.utils import convert_to_tensor
 
 import monai_wsss.apps.pipeline as pipeline_module
@@ -43,15 +42,17 @@ STAGES = ("load", "map", "post", "write", "other")
 
 def build_bundle_pipeline(bundle_root: str | os.PathLike, method: str, overrides: dict | None = None) -> Any:
     """
-    The ``pipeline`` of a bundle's ``configs/inference.json`` for ``method``, as ``monai.bundle run`` builds it.
+    A :py:class:`~monai_wsss.apps.VolumeSegmentationPipeline` with the network, inferer and post-processing settings
+    of a bundle's method configs (``configs/inference.json`` + ``configs/inference_<method>.json``), so its stages
+    can be timed one by one.
 
     Args:
         bundle_root: the bundle folder.
-        method: a name of :py:data:`monai_wsss.apps.METHODS`.
+        method: a method of the bundle (:py:func:`~monai_wsss.bundle.bundle_methods`).
         overrides: further config values (e.g. ``{"sw_batch_size": 8}``).
 
     Returns:
-        the :py:class:`~monai_wsss.apps.VolumeSegmentationPipeline`.
+        the pipeline.
 
     Raises:
         FileNotFoundError: missing config or weights (from the bundle's ``load_weights``).
@@ -61,21 +62,35 @@ def build_bundle_pipeline(bundle_root: str | os.PathLike, method: str, overrides
 
         pipe = build_bundle_pipeline("bundles/brats_cdm", "cdm")
     """
-    root = Path(bundle_root)
-    parser = ConfigParser()
-    parser.read_config(str(root / "configs" / "inference.json"))
-    parser["bundle_root"] = str(root)
-    parser["method"] = method
-    parser["progress"] = False
-    for key, value in (overrides or {}).items():
-        parser[key] = value
+    from monai_wsss.apps import VolumeSegmentationPipeline
+    from monai_wsss.bundle import parse_bundle_config
+    from monai_wsss.inferers import VolumeInferer
+    from monai_wsss.transforms import NormalizeMapd
+
+    parser = parse_bundle_config(bundle_root, method, progress=False, **(overrides or {}))
     try:
-        return parser.get_parsed_content("pipeline")
+        network = parser.get_parsed_content("network")
+        inferer = parser.get_parsed_content("inferer")
+        postprocessing = parser.get_parsed_content("postprocessing")
+        threshold = parser.get_parsed_content("mask_threshold")
+        min_size = int(parser.get_parsed_content("min_component_size"))
     except RuntimeError as err:  # ConfigParser wraps the real error; unwrap it so callers can tell missing weights
         cause: BaseException | None = err
         while cause is not None and not isinstance(cause, (FileNotFoundError, ValueError)):
             cause = cause.__cause__ or cause.__context__
         raise (cause or err) from err
+    normalizers = [t for t in postprocessing.transforms if isinstance(t, NormalizeMapd)]
+    normalizer = normalizers[0].normalizer if normalizers else None
+    if isinstance(inferer, VolumeInferer):
+        inner, roi, batch = inferer.inferer, inferer.roi_size, inferer.sw_batch_size
+    else:  # a whole-volume inferer (the per-volume intensity threshold)
+        inner, roi, batch = inferer, tuple(parser.get_parsed_content("roi_size")), 8
+    return VolumeSegmentationPipeline(
+        None if isinstance(network, torch.nn.Identity) else network, inner, task=parser.get_parsed_content("task"),
+        roi_size=roi, sw_batch_size=batch, map_mode=None if normalizer is None else normalizer.mode,
+        normalize_per="volume" if normalizer is None or normalizer.slice_axis is None else "slice",
+        threshold=threshold, min_component_size=min_size, seed=int(parser.get_parsed_content("seed")),
+    )
 
 
 class _Stopwatch:
@@ -100,6 +115,8 @@ def _instrument(pipe: Any, watch: _Stopwatch) -> Iterator[None]:
     """Time ``pipe``'s stages where ``run`` calls them (instance attributes shadow the methods; undone on exit)."""
     for name, stage in (("load", "load"), ("predict", "map"), ("normalize", "post"), ("binarize", "post")):
         setattr(pipe, name, watch.wrap(stage, getattr(pipe, name)))
+    preprocess = pipe.preprocess  # what run()'s dataset loads each volume with
+    pipe.preprocess = watch.wrap("load", preprocess)
     writer_factory = pipeline_module.map_writer
     # run() builds its writers from the module's map_writer; each writer it returns is timed as "write"
     pipeline_module.map_writer = lambda *a, **k: watch.wrap("write", writer_factory(*a, **k))  # type: ignore[assignment]
@@ -107,6 +124,7 @@ def _instrument(pipe: Any, watch: _Stopwatch) -> Iterator[None]:
         yield
     finally:
         pipeline_module.map_writer = writer_factory
+        pipe.preprocess = preprocess
         for name in ("load", "predict", "normalize", "binarize"):
             pipe.__dict__.pop(name, None)
 

@@ -1,6 +1,7 @@
 # Copyright (c) monai_wsss contributors. Licensed under the Apache License, Version 2.0.
 """Helpers the MONAI bundles (``bundles/*/configs``) call by name; usable from Python as well."""
 
+from monai_wsss.bundle.configs import DEFAULT_METHOD, bundle_methods, method_config_files, parse_bundle_config
 from monai_wsss.bundle.handlers import ExponentialMovingAverage, SeededEvaluation, ema_copy
 from monai_wsss.bundle.options import OPTION_KINDS, RUN_ARGUMENTS, check_command_line, parse_option
 from monai_wsss.bundle.utils import (
@@ -16,6 +17,10 @@ from monai_wsss.bundle.utils import (
 )
 
 __all__ = [
+    "DEFAULT_METHOD",
+    "bundle_methods",
+    "method_config_files",
+    "parse_bundle_config",
     "OPTION_KINDS",
     "RUN_ARGUMENTS",
     "check_command_line",

@@ -333,8 +333,9 @@ def release_distributed() -> None:
 
 def verify_bundle_networks(bundle_dir: str | os.PathLike, device: str | torch.device = "cpu") -> None:
     """
-    Run MONAI's ``verify_net_in_out`` on both networks of a monai_wsss bundle: the diffusion network of
-    ``train_diffusion.json`` against ``network_data_format`` (with the extra forward arguments ``timesteps`` and
+    Run MONAI's ``verify_net_in_out`` on the three networks of a monai_wsss bundle: the default network
+    (``network_def`` of ``inference.json``, the segmenter) against ``network_data_format``, the diffusion network of
+    ``train_diffusion.json`` against ``diffusion_data_format`` (with the extra forward arguments ``timesteps`` and
     ``class_labels``), and the noisy classifier of ``train_classifier.json`` against ``classifier_data_format``
     (with ``timesteps``).
 
@@ -344,7 +345,8 @@ def verify_bundle_networks(bundle_dir: str | os.PathLike, device: str | torch.de
 
     Raises:
         FileNotFoundError: a config file is missing.
-        ValueError: a network's output channels or dtype differ from the metadata (from ``verify_net_in_out``).
+        ValueError: a data format is missing from ``metadata.json``, or a network's output channels or dtype differ
+            from it (from ``verify_net_in_out``).
 
     Example::
 
@@ -354,19 +356,22 @@ def verify_bundle_networks(bundle_dir: str | os.PathLike, device: str | torch.de
 
     configs = Path(bundle_dir) / "configs"
     meta_file = configs / "metadata.json"
-    for name in ("metadata.json", "train_diffusion.json", "train_classifier.json"):
+    for name in ("metadata.json", "inference.json", "train_diffusion.json", "train_classifier.json"):
         if not (configs / name).is_file():
             raise FileNotFoundError(f"bundle config not found: {configs / name}")
     meta = ConfigParser.load_config_file(meta_file)
-    if "classifier_data_format" not in meta:
-        raise ValueError(f"{meta_file} has no 'classifier_data_format'.")
+    for key in ("network_data_format", "diffusion_data_format", "classifier_data_format"):
+        if key not in meta:
+            raise ValueError(f"{meta_file} has no {key!r}.")
     one = torch.ones(1, dtype=torch.long, device=device)
+    verify_net_in_out(net_id="network_def", meta_file=str(meta_file), config_file=str(configs / "inference.json"), device=device)
     verify_net_in_out(
         net_id="network_def",
         meta_file=str(meta_file),
         config_file=str(configs / "train_diffusion.json"),
         device=device,
         extra_forward_args={"timesteps": one * 10, "class_labels": one},
+        **{"_meta_#network_data_format": meta["diffusion_data_format"]},
     )
     verify_net_in_out(
         net_id="network_def",

@@ -19,6 +19,7 @@ from monai_wsss.transforms.validation import ValidateVolumed
 from monai_wsss.transforms.weak_label import MapTargetLabels, MapTargetLabelsd, WeakSliceLabel, WeakSliceLabeld
 
 # --- map post-processing (eval helper) ---
+from monai_wsss.transforms.slice_gate import SliceGated
 from monai_wsss.transforms.postprocess import (
     CopyMetaFromd,
     MapSliceScore,
@@ -54,6 +55,7 @@ __all__ = [
     "slice_foreground_fraction",
     # map post-processing
     "CopyMetaFromd",
+    "SliceGated",
     "MapSliceScore",
     "MapSliceScored",
     "NormalizeMap",
