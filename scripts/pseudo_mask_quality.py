@@ -17,9 +17,9 @@ the masks.
 With ``--healthy_percentiles`` every threshold is also scored restricted to voxels brighter than that percentile of
 the volume's healthy slices (``PseudoMaskGenerator(healthy_percentile=...)``).
 With ``--diffusion_bundle`` the bundle's CG-CDM (its inference defaults, per-slice Otsu) is scored as a source too.
-This chooses ``pseudo_threshold`` and ``pseudo_healthy_percentile`` of ``train_segmentation.json``.
+This chooses ``pseudo_threshold`` and ``pseudo_healthy_percentile`` of ``train.json``.
 
-    python scripts/pseudo_mask_quality.py --task brats --datalist <run>/outputs/train_segmentation/datalist.json \
+    python scripts/pseudo_mask_quality.py --task brats --datalist <run>/outputs/train/datalist.json \
         --labels labels.csv --factors 0.5 0.6 0.7 [--healthy_percentiles 98 99] [--diffusion_bundle bundles/brats_cdm]
 """
 
@@ -78,12 +78,12 @@ def main(argv: list[str] | None = None) -> dict:
             sources[(factor, healthy)] = (pipeline, healthy)
     if args.diffusion_bundle:
         cfg = ConfigParser()
-        cfg.read_config(f"{args.diffusion_bundle}/configs/evaluate.json")
-        net = load_weights(cfg.get_parsed_content("network_def"), f"{args.diffusion_bundle}/models/model.pt", "cpu")
+        cfg.read_config([f"{args.diffusion_bundle}/configs/{n}" for n in ("inference.json", "inference_cg_cdm.json")])
+        net = load_weights(cfg.get_parsed_content("diffusion_def"), f"{args.diffusion_bundle}/models/diffusion.pt", "cpu")
         clf = load_weights(cfg.get_parsed_content("classifier_def"), f"{args.diffusion_bundle}/models/classifier.pt", "cpu")
-        keys = ("noise_level", "num_steps", "tau", "guidance_scale", "guided_num_steps")
         inferer = build_method_inferer("cg_cdm", cfg.get_parsed_content("scheduler"), net, clf,
-                                       **{k: cfg.get(k) for k in keys})
+                                       noise_level=cfg.get("noise_level"), tau=cfg.get("tau"),
+                                       guidance_scale=cfg.get("guidance_scale"), num_steps=cfg.get("num_steps"))
         sources[("cg_cdm", None)] = (VolumeSegmentationPipeline(net, inferer, task=args.task, roi_size=tuple(cfg.get("spatial_size")),
                                                        map_mode=default_map_mode("cg_cdm", args.task), threshold="otsu",
                                                        sw_batch_size=8), None)

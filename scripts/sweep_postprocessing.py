@@ -15,7 +15,7 @@ The criterion (``--criterion``):
   slices of all volumes) against the ground-truth masks.
 
     python scripts/sweep_postprocessing.py --bundle_root bundles/brats_cdm --task brats \
-        --datalist <run>/outputs/train_segmentation/datalist.json --split validation --method segmenter \
+        --datalist <run>/outputs/train/datalist.json --split validation --method segmenter \
         --labels labels.csv --pseudo_dir <run>/outputs/pseudo_masks/brats_<digest>
 """
 
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--datalist", required=True, help="datalist JSON of the bundle's split (a training run writes it)")
     p.add_argument("--split", default="validation")
     p.add_argument("--method", choices=("segmenter", "volume_threshold"), default="segmenter")
-    p.add_argument("--segmenter_path", default=None, help="default: <bundle_root>/models/segmenter.pt")
+    p.add_argument("--model_path", default=None, help="the segmenter's weights (default: <bundle_root>/models/model.pt)")
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.3, 0.4, 0.5, 0.6, 0.7])
     p.add_argument("--gates", type=float, nargs="+", default=[0.3, 0.5, 0.7], help="slice gates (plus no gate)")
     p.add_argument("--components", type=int, nargs="+", default=[0, 100, 1000])
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     torch.set_num_threads(1)
 
     cfg = ConfigParser()
-    cfg.read_config(f"{args.bundle_root}/configs/evaluate.json")
+    cfg.read_config([f"{args.bundle_root}/configs/{name}" for name in ("inference.json", "slice_gate.json")])
     items = list_volumes(args.datalist, task=args.task, split=args.split, require_seg=not weak)
     if weak:
         labels = SliceLabels.from_csv(args.labels)
@@ -83,9 +83,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     clf = load_weights(cfg.get_parsed_content("classifier_def"), f"{args.bundle_root}/models/classifier.pt", "cpu",
                        name="noisy classifier")
     if args.method == "segmenter":
-        net = load_weights(cfg.get_parsed_content("segmenter_def"),
-                           args.segmenter_path or f"{args.bundle_root}/models/segmenter.pt", "cpu", name="segmenter")
-        inferer, roi = build_method_inferer("segmenter", network=net), tuple(cfg.get("segmenter_spatial_size"))
+        net = load_weights(cfg.get_parsed_content("network_def"),
+                           args.model_path or f"{args.bundle_root}/models/model.pt", "cpu", name="segmenter")
+        inferer, roi = build_method_inferer("segmenter", network=net), tuple(cfg.get("roi_size"))
         thresholds = args.thresholds
     else:
         net, inferer, roi = None, build_method_inferer("volume_threshold"), tuple(cfg.get("spatial_size"))

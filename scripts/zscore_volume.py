@@ -5,7 +5,7 @@ some other releases ship FLAIR, under the same file name in another folder. Used
 not depend on the intensity scale:
 
     python scripts/zscore_volume.py <case>_flair.nii.gz /tmp/zs/        # writes /tmp/zs/<case>_flair.nii.gz
-    python -m monai.bundle run --config_file bundles/brats_cdm/configs/evaluate.json --bundle_root bundles/brats_cdm \\
+    python -m monai.bundle run --config_file "['bundles/brats_cdm/configs/inference.json','bundles/brats_cdm/configs/evaluate.json']" --bundle_root bundles/brats_cdm \\
         --image /tmp/zs/<case>_flair.nii.gz --seg <case>_seg.nii.gz --output_dir /tmp/zs/eval
 """
 
