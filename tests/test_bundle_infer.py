@@ -146,7 +146,7 @@ def _raw(bundle: str, name: str) -> dict:
 def test_networks_match_the_training_configs(bundle):
     """The inference configs must build exactly the trained networks, or the committed weights do not load."""
     infer = ConfigParser(_raw(bundle, "inference.json"))
-    segmentation = ConfigParser(_raw(bundle, "train_segmentation.json"))
+    segmentation = ConfigParser(_raw(bundle, "train.json"))
     assert infer.get("network_def") == segmentation.get("network_def")  # the default network: the segmenter
     assert infer.get("roi_size") == segmentation.get("segmenter_spatial_size")
     diffusion = ConfigParser(_raw(bundle, "train_diffusion.json"))
@@ -282,6 +282,19 @@ def test_average_otsu_uses_one_threshold_for_all_volumes(env, tmp_path):
         heat = np.asarray(nib.load(row["map"]).dataobj)
         mask = np.asarray(nib.load(row["mask"]).dataobj)
         np.testing.assert_array_equal(mask, (heat > result["threshold"]).astype(mask.dtype))
+
+
+def test_a_fixed_threshold_is_honoured_by_the_map_methods(env, tmp_path):
+    result = run_bundle(env, "inference.json", dataset_dir=str(env["brats"]), output_dir=str(tmp_path), threshold=0.4, method="cdm")
+    assert result["threshold"] == 0.4
+    for item, row in zip(env["items"], result["rows"]):
+        heat = np.asarray(nib.load(row["map"]).dataobj)
+        body = np.asarray(nib.load(item["image"]).dataobj) != 0
+        mask = np.asarray(nib.load(row["mask"]).dataobj)
+        np.testing.assert_array_equal(mask, ((heat > 0.4) & body).astype(mask.dtype))
+    with pytest.raises(RuntimeError) as err:  # a normalised map lies in [0, 1]
+        run_bundle(env, "inference.json", dataset_dir=str(env["brats"]), output_dir=str(tmp_path / "x"), threshold=1.5, method="cdm")
+    assert "threshold" in str(root_cause(err.value))
 
 
 def test_classifier_free_guidance_needs_a_null_class(env, tmp_path):

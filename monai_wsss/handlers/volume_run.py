@@ -160,11 +160,13 @@ class RunFolderHandler:
 
 class DatasetThresholdHandler:
     """
-    One threshold for all volumes of a run, the mean of the per-slice Otsu thresholds of every map (the CDM
-    paper's "average Otsu"): the evaluator's postprocessing writes the (normalised) maps without masks; at the end
-    of the epoch this handler computes the threshold, thresholds every map inside the body, runs ``postprocessing``
-    on it (e.g. component filter, then ``SaveVolumed`` of the mask) and passes each volume to ``consumers`` (the
-    run folder and report handlers' ``add``). The threshold is left in ``engine.state.dataset_threshold``.
+    The masks of a run's maps at the end of the run: by default one threshold for all volumes, the mean of the
+    per-slice Otsu thresholds of every map (``"average_otsu"``, the CDM paper's "average Otsu"); ``"otsu"`` thresholds
+    each slice at its own Otsu value, a float every map at that value. The evaluator's postprocessing writes the
+    (normalised) maps without masks; at the end of the epoch this handler thresholds every map inside the body, runs
+    ``postprocessing`` on the result (e.g. component filter, then ``SaveVolumed`` of the mask) and passes each volume
+    to ``consumers`` (the run folder and report handlers' ``add``). A dataset-level threshold is left in
+    ``engine.state.dataset_threshold``.
 
     Maps kept from an interrupted run are read back from the run folder, so a resumed run gets the same threshold.
 
@@ -178,9 +180,11 @@ class DatasetThresholdHandler:
         mask_key: data key the mask is written to.
         image_key: data key of the normalised image (non-zero inside the body).
         largest_component: keep the largest connected component of each slice's mask.
+        threshold: ``"average_otsu"``, ``"otsu"`` or a float.
 
     Raises:
-        ValueError: no map has contrast inside the body (the threshold is undefined).
+        ValueError: a ``threshold`` that is none of these (at construction); no map has contrast inside the body
+            (the average Otsu threshold is undefined).
 
     Example::
 
@@ -199,10 +203,14 @@ class DatasetThresholdHandler:
         mask_key: str = "mask",
         image_key: str = "image",
         largest_component: bool = False,
+        threshold: str | float = "average_otsu",
     ) -> None:
+        if isinstance(threshold, str) and threshold not in ("average_otsu", "otsu"):
+            raise ValueError(f"`threshold` must be 'average_otsu', 'otsu' or a number, got {threshold!r}.")
         self.folder = run_folder
         self.preprocessing = preprocessing
         self.largest_component = bool(largest_component)
+        self.threshold = threshold if isinstance(threshold, str) else float(threshold)
         self.slice_axis = int(slice_axis)
         self.postprocessing = postprocessing
         self.consumers = list(consumers)
@@ -216,6 +224,8 @@ class DatasetThresholdHandler:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
 
     def iteration_completed(self, engine: Engine) -> None:
+        if self.threshold != "average_otsu":
+            return
         for item in engine_items(engine):
             self._thresholds[str(item["case"])] = otsu_thresholds(
                 item[self.map_key], item[self.image_key], slice_axis=self.slice_axis
@@ -229,8 +239,7 @@ class DatasetThresholdHandler:
         data[self.map_key] = _load_map(path)
         return data
 
-    def epoch_completed(self, engine: Engine | None = None) -> float:
-        """Threshold every map of the run with the mean Otsu threshold; returns the threshold."""
+    def _average_otsu(self) -> float:
         values = []
         for item in self.folder.items:
             case = str(item["case"])
@@ -244,7 +253,15 @@ class DatasetThresholdHandler:
             raise ValueError("threshold='average_otsu': no map has contrast inside the body; threshold undefined.")
         threshold = float(flat.mean())
         logger.info(f"average Otsu threshold over {flat.size} slices: {threshold:.4f}")
-        thresholder = OtsuThreshold(threshold=threshold, slice_axis=self.slice_axis, largest_component=self.largest_component)
+        return threshold
+
+    def epoch_completed(self, engine: Engine | None = None) -> str | float:
+        """Threshold every map of the run; returns the threshold (the average Otsu value, ``"otsu"`` or the float)."""
+        threshold = self._average_otsu() if self.threshold == "average_otsu" else self.threshold
+        thresholder = OtsuThreshold(
+            threshold=None if threshold == "otsu" else threshold, slice_axis=self.slice_axis,
+            largest_component=self.largest_component,
+        )
         for item in self.folder.items:
             data = self._item(item)
             data[self.mask_key] = thresholder(data[self.map_key], body_mask=data[self.image_key])
@@ -252,7 +269,7 @@ class DatasetThresholdHandler:
                 data = self.postprocessing(data)
             for consumer in self.consumers:
                 consumer.add(data)
-        if engine is not None:
+        if engine is not None and self.threshold == "average_otsu":
             engine.state.dataset_threshold = threshold
         return threshold
 
