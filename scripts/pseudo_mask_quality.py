@@ -40,7 +40,7 @@ from monai_wsss.apps import (
     list_volumes,
     load_weights,
 )
-from monai_wsss.data import SliceLabels
+from monai_wsss.data import TASKS, SliceLabels
 from monai_wsss.transforms.slicing import slice_foreground_fraction
 
 
@@ -51,7 +51,7 @@ def _dice(pred: np.ndarray, gt: np.ndarray) -> float:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", choices=("brats", "chaos"), required=True)
+    p.add_argument("--task", choices=sorted(TASKS), required=True)
     p.add_argument("--datalist", required=True)
     p.add_argument("--split", default="validation")
     p.add_argument("--factors", type=float, nargs="+", default=[0.5, 0.6, 0.7, 0.8, 0.9])

@@ -33,7 +33,7 @@ from monai.metrics import compute_confusion_matrix_metric, get_confusion_matrix
 from monai.transforms import RemoveSmallObjects
 
 from monai_wsss.apps import VolumeSegmentationPipeline, build_method_inferer, list_volumes, load_weights
-from monai_wsss.data import SliceLabels
+from monai_wsss.data import TASKS, SliceLabels
 
 
 def _dice(pred: np.ndarray, gt: np.ndarray) -> float:
@@ -57,7 +57,7 @@ def _slice_f1(marked: np.ndarray, labels: np.ndarray) -> float:
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bundle_root", required=True)
-    p.add_argument("--task", choices=("brats", "chaos"), required=True)
+    p.add_argument("--task", choices=sorted(TASKS), required=True)
     p.add_argument("--datalist", required=True, help="datalist JSON of the bundle's split (a training run writes it)")
     p.add_argument("--split", default="validation")
     p.add_argument("--method", choices=("segmenter", "volume_threshold"), default="segmenter")

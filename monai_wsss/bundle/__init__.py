@@ -4,7 +4,6 @@
 from monai_wsss.bundle.handlers import ExponentialMovingAverage, SeededEvaluation, ema_copy
 from monai_wsss.bundle.options import OPTION_KINDS, RUN_ARGUMENTS, check_command_line, parse_option
 from monai_wsss.bundle.utils import (
-    BUNDLE_TASKS,
     distributed_rank,
     init_distributed,
     latest_checkpoint,
@@ -20,7 +19,6 @@ __all__ = [
     "RUN_ARGUMENTS",
     "check_command_line",
     "parse_option",
-    "BUNDLE_TASKS",
     "ExponentialMovingAverage",
     "SeededEvaluation",
     "distributed_rank",

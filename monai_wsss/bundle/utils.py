@@ -17,9 +17,9 @@ import torch
 from monai.data import Dataset
 
 from monai_wsss.data import (
-    DATASET_LAYOUTS,
     SliceLabels,
     TaskPreset,
+    get_task,
     load_datalist,
     require_slice_labels,
     split_cases,
@@ -35,11 +35,7 @@ __all__ = [
     "init_distributed",
     "release_distributed",
     "verify_bundle_networks",
-    "BUNDLE_TASKS",
 ]
-
-#: task name of a bundle -> function listing the cases of a dataset folder
-BUNDLE_TASKS = DATASET_LAYOUTS
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +87,8 @@ def prepare_splits(
 
     Args:
         dataset_dir: dataset folder or datalist JSON file.
-        task: ``"brats"`` or ``"chaos"`` (which folder layout to read), or a :py:class:`~monai_wsss.data.TaskPreset`
+        task: a task name in :py:data:`~monai_wsss.data.TASKS` (its folder layout is read), or a
+            :py:class:`~monai_wsss.data.TaskPreset`
             of one of them (its ``name`` is used).
         val_fraction: fraction of cases for validation.
         test_fraction: fraction of cases for testing.
@@ -122,9 +119,7 @@ def prepare_splits(
         >>> {k: len(v) for k, v in splits.items()}  # doctest: +SKIP
         {'training': 21, 'validation': 3, 'test': 6}
     """
-    task = task.name if isinstance(task, TaskPreset) else task
-    if task not in BUNDLE_TASKS:
-        raise ValueError(f"unknown task {task!r}, expected one of {sorted(BUNDLE_TASKS)}.")
+    preset = get_task(task)
     path = Path(dataset_dir)
     if not path.exists():
         raise FileNotFoundError(f"dataset_dir not found: {path} (pass --dataset_dir <folder or datalist.json>).")
@@ -135,7 +130,7 @@ def prepare_splits(
         for name in ("validation", "test"):
             splits.setdefault(name, [])
     else:
-        items = BUNDLE_TASKS[task](path, require_seg=False)
+        items = preset.list_cases(path, require_seg=False)
         splits = split_cases(items, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
     labels = load_slice_labels(labels)
     trained = [it for name in ("training", "validation") for it in splits[name]]
@@ -143,7 +138,7 @@ def prepare_splits(
         require_slice_labels(trained, None, what="training/validation")
         logger.info(
             f"slice labels: derived from the pixel masks of the {len(trained)} training/validation scans by the "
-            f"{task} rule (>= 0.2 % of the slice: 1, none: 0, in between: unlabelled); no --labels given."
+            f"{preset.name} rule (>= 0.2 % of the slice: 1, none: 0, in between: unlabelled); no --labels given."
         )
     else:
         labels.check_cases(
