@@ -30,7 +30,7 @@ from monai_wsss.data import (
     split_cases,
     write_datalist,
 )
-from monai_wsss.transforms.io import write_text_atomic
+from monai_wsss.utils.atomic_files import write_text_atomic
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -30,7 +30,7 @@ from monai_wsss.benchmark.table import bundle_method_settings, load_bundle_netwo
 from monai_wsss.apps.methods import build_method_inferer
 from monai_wsss.inferers import VolumeInferer
 from monai_wsss.networks.nets import ConditionalDiffusionUNet, NoisyClassifier
-from monai_wsss.transforms.io import write_text_atomic
+from monai_wsss.utils import reuse_freed_memory, write_text_atomic
 
 __all__ = ["default_networks", "time_call", "run_speed_benchmark", "resolve_speed_settings", "write_result", "main"]
 
@@ -237,6 +237,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--classifier_weights", default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = resolve_speed_settings(parser.parse_args(argv))
+    if args.device == "cpu":
+        reuse_freed_memory()  # the command's process-wide choice, as in the bundles' runs (docs/performance.md)
     result = run_speed_benchmark(
         batch=args.batch,
         size=args.size,

@@ -38,7 +38,7 @@ from monai_wsss.data import TASKS, build_slice_dataset
 from monai_wsss.inferers import ClassActivationMapInferer, IntensityThresholdInferer
 from monai_wsss.metrics import PixelAUCMetric, SegmentationScores
 from monai_wsss.transforms import NormalizeMap, OtsuThreshold, oriented_map
-from monai_wsss.transforms.io import atomic_write, write_text_atomic
+from monai_wsss.utils.atomic_files import atomic_write, write_text_atomic
 
 __all__ = [
     "MethodSpec",

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from monai_wsss.transforms.io import write_text_atomic
+from monai_wsss.utils.atomic_files import write_text_atomic
 
 __all__ = [
     "build_brats_datalist",

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from monai_wsss.data.tasks import TaskPreset, get_task
-from monai_wsss.transforms.io import write_text_atomic
+from monai_wsss.utils.atomic_files import write_text_atomic
 
 __all__ = ["LABELS_HEADER", "UNLABELLED", "SliceLabels", "labels_from_masks", "mask_slice_labels"]
 

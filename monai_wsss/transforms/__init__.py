@@ -5,14 +5,7 @@ from monai_wsss.transforms.intensity import (
     ScaleIntensityNonzeroPercentiles,
     ScaleIntensityNonzeroPercentilesd,
 )
-from monai_wsss.transforms.io import (
-    TEMP_PREFIX,
-    LoadVolumed,
-    SaveVolumed,
-    atomic_write,
-    remove_stale_temporaries,
-    write_text_atomic,
-)
+from monai_wsss.transforms.io import LoadVolumed, SaveVolumed
 from monai_wsss.transforms.model_space import invert_model_space, model_space_transform
 from monai_wsss.transforms.slicing import SliceVolumed, slice_foreground_fraction
 from monai_wsss.transforms.validation import ValidateVolumed
@@ -37,10 +30,6 @@ __all__ = [
     # preprocessing
     "LoadVolumed",
     "SaveVolumed",
-    "TEMP_PREFIX",
-    "atomic_write",
-    "remove_stale_temporaries",
-    "write_text_atomic",
     "MapTargetLabels",
     "MapTargetLabelsd",
     "ScaleIntensityNonzeroPercentiles",
