@@ -161,6 +161,18 @@ def test_default_bundle_root_is_the_bundle_wherever_the_command_runs(tmp_path, m
     assert locate_bundle_root("brats_cdm", argv=["x"]) == "."
 
 
+def test_installed_package_outside_a_bundle_asks_for_bundle_root(tmp_path, monkeypatch):
+    import monai_wsss.apps.inputs as inputs
+
+    # a wheel install: no repository next to the package, so no bundles/ to fall back to
+    monkeypatch.setattr(inputs, "_source_checkout", lambda: None)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="'brats_cdm'.*pass --bundle_root"):
+        inputs.locate_bundle_root("brats_cdm", argv=["x"])
+    (tmp_path / "configs").mkdir()  # run from inside the bundle: found without the repository
+    assert inputs.locate_bundle_root("brats_cdm", argv=["x"]) == "."
+
+
 # ---- end to end ----------------------------------------------------------------------------------------------
 def test_inference_on_a_folder_writes_map_and_mask_in_input_space(env, tmp_path):
     out = tmp_path / "infer"

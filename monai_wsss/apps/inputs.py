@@ -141,6 +141,12 @@ def _config_file_from_argv(argv: Sequence[str]) -> Path | None:
     return files[0] if files else None
 
 
+def _source_checkout() -> Path | None:
+    """The repository root when the package is imported from a source checkout (an installed wheel has none)."""
+    root = Path(__file__).resolve().parents[2]  # <root>/monai_wsss/apps/inputs.py
+    return root if (root / "setup.cfg").is_file() and (root / "bundles").is_dir() else None
+
+
 def locate_bundle_root(name: str, argv: Sequence[str] | None = None) -> str:
     """
     The folder of a bundle of this repository, so that ``python -m monai.bundle run --config_file
@@ -148,8 +154,8 @@ def locate_bundle_root(name: str, argv: Sequence[str] | None = None) -> str:
 
     In order: the bundle of the ``--config_file`` on the command line (``<bundle>/configs/*.json``); the working
     directory when it is a bundle (``configs/`` inside, the MONAI model-zoo convention); the repository copy
-    ``bundles/<name>`` next to the installed package; else ``"."``. ``--bundle_root`` on the command line
-    overrides all of this, as in every MONAI bundle.
+    ``bundles/<name>`` when the package runs from a source checkout. ``--bundle_root`` on the command line
+    overrides all of this, as in every MONAI bundle (this function is then not called).
 
     Args:
         name: the bundle's folder name, e.g. ``"brats_cdm"``.
@@ -157,6 +163,10 @@ def locate_bundle_root(name: str, argv: Sequence[str] | None = None) -> str:
 
     Returns:
         the bundle folder as a string.
+
+    Raises:
+        FileNotFoundError: none of the above holds (e.g. an installed package run outside its bundle): the
+            message says to pass ``--bundle_root``.
 
     Example::
 
@@ -167,10 +177,14 @@ def locate_bundle_root(name: str, argv: Sequence[str] | None = None) -> str:
         return str(config_file.parent.parent)
     if Path("configs").is_dir():
         return "."
-    repo_copy = Path(__file__).resolve().parents[2] / "bundles" / name
-    if (repo_copy / "configs").is_dir():
-        return str(repo_copy)
-    return "."
+    checkout = _source_checkout()
+    if checkout is not None and (checkout / "bundles" / name / "configs").is_dir():
+        return str(checkout / "bundles" / name)
+    raise FileNotFoundError(
+        f"cannot find the bundle folder of {name!r}: no --config_file inside a <bundle>/configs/ folder, the working "
+        f"directory {Path.cwd()} has no configs/, and monai_wsss is not run from a source checkout holding "
+        f"bundles/{name}; pass --bundle_root <the bundle folder>."
+    )
 
 
 def _state_dict_of(obj: object, path: Path) -> dict:
