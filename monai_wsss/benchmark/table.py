@@ -31,11 +31,12 @@ import numpy as np
 import torch
 from monai.bundle import ConfigParser
 
-from monai_wsss.apps.methods import build_method_inferer, default_map_mode
+from monai_wsss.apps.inputs import load_weights
+from monai_wsss.apps.methods import CLASSIFIER_METHODS, NETWORK_METHODS, build_method_inferer, default_map_mode
 from monai_wsss.apps.reports import write_csv
 from monai_wsss.bundle import prepare_splits
 from monai_wsss.data import TASKS, build_slice_dataset
-from monai_wsss.inferers import ClassActivationMapInferer, IntensityThresholdInferer
+from monai_wsss.inferers import CAM_METHODS, ClassActivationMapInferer, IntensityThresholdInferer
 from monai_wsss.metrics import PixelAUCMetric, SegmentationScores
 from monai_wsss.transforms import NormalizeMap, OtsuThreshold, oriented_map
 from monai_wsss.utils.atomic_files import atomic_write, write_text_atomic
@@ -53,18 +54,10 @@ __all__ = [
 ]
 
 METHOD_SETTINGS = ("noise_level", "num_steps", "tau", "guidance_scale", "guided_num_steps", "cgdiff_level", "cgdiff_guidance", "cfg_scale")
-ALL_METHODS = (
-    "threshold",
-    "threshold_fixed",
-    "gradcam",
-    "gradcam++",
-    "scorecam",
-    "layercam",
-    "cg_diff",
-    "cfg",
-    "cdm",
-    "cg_cdm",
-)
+#: the table's rows: two slice-level intensity baselines (per-slice Otsu, and the fixed threshold), the CAM baselines
+#: of :py:data:`~monai_wsss.inferers.CAM_METHODS` and the bundles' diffusion methods
+#: (:py:data:`~monai_wsss.apps.NETWORK_METHODS`, built by :py:func:`~monai_wsss.apps.build_method_inferer`)
+ALL_METHODS = ("threshold", "threshold_fixed", *CAM_METHODS, *NETWORK_METHODS)
 
 
 @dataclass
@@ -87,6 +80,7 @@ def load_bundle_networks(bundle_root: str | Path, device: torch.device) -> tuple
 
     Raises:
         FileNotFoundError: a missing config or diffusion weights file (named).
+        ValueError: weights that do not fit the network (see :py:func:`~monai_wsss.apps.load_weights`).
     """
     root = Path(bundle_root)
     nets = []
@@ -101,10 +95,8 @@ def load_bundle_networks(bundle_root: str | Path, device: torch.device) -> tuple
             continue
         parser = ConfigParser()
         parser.read_config(str(cfg_path))
-        net = parser.get_parsed_content("network_def")
-        state = torch.load(w_path, map_location=device, weights_only=True)
-        net.load_state_dict(state)
-        nets.append(net.to(device).eval())
+        name = "diffusion model" if weights == "model.pt" else "noisy classifier"
+        nets.append(load_weights(parser.get_parsed_content("network_def"), w_path, device, name=name))
     return nets[0], nets[1]
 
 
@@ -184,7 +176,7 @@ def build_methods(
     for name in names:
         if name not in ALL_METHODS:
             raise ValueError(f"unknown method {name!r}; choose from {ALL_METHODS}.")
-        needs_clf = name in ("gradcam", "gradcam++", "scorecam", "layercam", "cg_diff", "cg_cdm")
+        needs_clf = name in CAM_METHODS or name in CLASSIFIER_METHODS
         if needs_clf and classifier is None:
             raise ValueError(f"method {name!r} needs the bundle's classifier (models/classifier.pt).")
         if name == "threshold":
@@ -198,7 +190,7 @@ def build_methods(
                     setting=f"intensity / 99th body percentile > {threshold}",
                 )
             )
-        elif name in ("gradcam", "gradcam++", "scorecam", "layercam"):
+        elif name in CAM_METHODS:
             specs.append(MethodSpec(name, ClassActivationMapInferer(method=name, target_class=1, timestep=0), setting="classifier at t=0"))
         else:  # the diffusion methods exactly as a bundle's inference.json builds them
             inf = build_method_inferer(
