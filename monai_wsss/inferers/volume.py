@@ -11,8 +11,9 @@ import numpy as np
 import torch
 
 from monai.inferers import Inferer
-from monai.transforms import Resize
 from monai.utils import convert_to_dst_type, convert_to_tensor, optional_import
+
+from monai_wsss.transforms.model_space import IMAGE_INTERPOLATION, resize_slices, slices_to_model_space
 
 tqdm, has_tqdm = optional_import("tqdm", name="tqdm")
 
@@ -80,8 +81,8 @@ class VolumeInferer(Inferer):
         sw_batch_size: int = 8,
         skip_empty: bool = True,
         rescale: bool = True,
-        mode: str = "bilinear",
-        anti_aliasing: bool = True,
+        mode: str = IMAGE_INTERPOLATION["mode"],
+        anti_aliasing: bool = IMAGE_INTERPOLATION["anti_aliasing"],
         sw_device: torch.device | str | None = None,
         progress: bool = False,
     ) -> None:
@@ -107,23 +108,14 @@ class VolumeInferer(Inferer):
         self.progress = progress
 
     def _resize(self, x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-        """Resize a batch ``(N, C, h, w)`` with MONAI ``Resize`` (the batch and channels are its channels)."""
-        if tuple(x.shape[2:]) == tuple(size):
-            return x
-        n, c = x.shape[:2]
-        compute_dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
-        resize = Resize(spatial_size=tuple(size), mode=self.mode, anti_aliasing=self.anti_aliasing, dtype=compute_dtype)
-        out = resize(x.reshape(n * c, *x.shape[2:]))
-        # Resize computes in its own dtype; keep the caller's (e.g. float64 or half networks)
-        return convert_to_tensor(out, track_meta=False).to(x.dtype).reshape(n, c, *size)
+        return resize_slices(x, size, mode=self.mode, anti_aliasing=self.anti_aliasing)
 
     def to_model_space(self, x: torch.Tensor) -> torch.Tensor:
         """
-        Slices ``(N, C, h, w)`` in ``[0, 1]`` as the network sees them: resized to ``roi_size`` and, with
-        ``rescale``, mapped to ``[-1, 1]`` (the steps of ``monai_wsss.transforms.model_space_transform``).
+        Slices ``(N, C, h, w)`` in ``[0, 1]`` as the network sees them:
+        :py:func:`~monai_wsss.transforms.model_space.slices_to_model_space` with this inferer's size and resizing.
         """
-        x = self._resize(x, self.roi_size)
-        return x * 2.0 - 1.0 if self.rescale else x
+        return slices_to_model_space(x, self.roi_size, self.rescale, mode=self.mode, anti_aliasing=self.anti_aliasing)
 
     def _call_inner(self, x: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any) -> torch.Tensor:
         out = self.inferer(x, network, *args, **kwargs) if self.inferer is not None else network(x, *args, **kwargs)

@@ -6,7 +6,14 @@ from monai_wsss.transforms.intensity import (
     ScaleIntensityNonzeroPercentilesd,
 )
 from monai_wsss.transforms.io import LoadVolumed, SaveVolumed
-from monai_wsss.transforms.model_space import invert_model_space, model_space_transform
+from monai_wsss.transforms.model_space import (
+    IMAGE_INTERPOLATION,
+    MODEL_INTENSITY_RANGE,
+    invert_model_space,
+    model_space_transform,
+    resize_slices,
+    slices_to_model_space,
+)
 from monai_wsss.transforms.slicing import SliceVolumed, slice_foreground_fraction
 from monai_wsss.transforms.validation import ValidateVolumed
 from monai_wsss.transforms.weak_label import MapTargetLabels, MapTargetLabelsd, WeakSliceLabel, WeakSliceLabeld
@@ -38,8 +45,12 @@ __all__ = [
     "ValidateVolumed",
     "WeakSliceLabel",
     "WeakSliceLabeld",
+    "IMAGE_INTERPOLATION",
+    "MODEL_INTENSITY_RANGE",
     "invert_model_space",
     "model_space_transform",
+    "resize_slices",
+    "slices_to_model_space",
     "slice_foreground_fraction",
     # map post-processing
     "CopyMetaFromd",
