@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from monai.bundle import ConfigParser
+from monai.transforms import AsDiscrete
 
 from monai_wsss.apps.inputs import load_weights
 from monai_wsss.apps.methods import CLASSIFIER_METHODS, NETWORK_METHODS, build_method_inferer, default_map_mode
@@ -210,7 +211,7 @@ def maps_to_masks(maps: torch.Tensor, images: torch.Tensor, spec: MethodSpec) ->
     """The shared post-processing: normalise inside the body, then per-slice Otsu (or the method's fixed threshold)."""
     body = (images > -1 + 1e-6).float()  # model space maps intensity 0 (background) to -1
     if spec.fixed_threshold is not None:
-        return ((maps > spec.fixed_threshold) & (body > 0)).float()
+        return AsDiscrete(threshold=spec.fixed_threshold)(maps).as_subclass(torch.Tensor).float() * body
     norm, otsu = NormalizeMap(mode=spec.map_mode), OtsuThreshold()
     return torch.stack([torch.as_tensor(otsu(norm(m, body_mask=b), body_mask=b)) for m, b in zip(maps, body)]).float()
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from monai_wsss.data.datalist import build_brats_datalist, build_chaos_datalist
+from monai_wsss.transforms.postprocess import NORMALIZE_MODES
 
 __all__ = [
     "MAP_THRESHOLD_MODES",
@@ -40,7 +41,7 @@ __all__ = [
 MAP_THRESHOLD_MODES = ("otsu", "average_otsu")
 #: the scopes a map is normalised to ``[0, 1]`` over before thresholding
 NORMALIZE_SCOPES = ("slice", "volume")
-_MAP_MODES = (None, "signed", "abs", "minmax")  # NormalizeMap modes; None: the map is kept on its own scale
+_MAP_MODES = (None, *NORMALIZE_MODES)  # None: the map is kept on its own scale
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from monai_wsss.transforms.postprocess import (
     OtsuThreshold,
     OtsuThresholdd,
     dataset_otsu_threshold,
+    keep_largest_component,
     map_writer,
     otsu_thresholds,
 )
@@ -62,6 +63,7 @@ __all__ = [
     "OtsuThreshold",
     "OtsuThresholdd",
     "dataset_otsu_threshold",
+    "keep_largest_component",
     "map_writer",
     "otsu_thresholds",
 ]
