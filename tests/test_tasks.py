@@ -140,3 +140,9 @@ def test_command_line_task_choices_come_from_the_registry(monkeypatch):
     monkeypatch.delitem(TASKS, "liver")
     with pytest.raises(SystemExit):
         module.parse_args(["--task", "liver", "--data_dir", "d", "--out_dir", "o"])
+
+
+def test_weak_label_rule_is_quoted_from_the_preset():
+    assert TASKS["chaos"].weak_label_rule() == "chaos rule: >= 0.2 % of the slice: 1, none: 0, in between: unlabelled"
+    custom = TASKS["brats"].replace(name="b", positive_min_fraction=None, positive_min_pixels=50)
+    assert custom.weak_label_rule() == "b rule: >= 50 pixels: 1, none: 0, in between: unlabelled"

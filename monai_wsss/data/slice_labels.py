@@ -399,7 +399,4 @@ def labels_from_masks(items: Sequence[Mapping], task: str | TaskPreset = "brats"
         rows += [(str(case), index, label, 0) for index, label in enumerate(values) if label != UNLABELLED]
         if progress:
             print(f"{case}: {values.count(1)} slices 1, {values.count(0)} slices 0, {values.count(UNLABELLED)} unlabelled")
-    rule_text = f"{100 * preset.positive_min_fraction:g} % of the slice" if preset.positive_min_fraction else ""
-    if preset.positive_min_pixels:
-        rule_text += f"{' and ' if rule_text else ''}{preset.positive_min_pixels} pixels"
-    return SliceLabels(rows, source=f"the masks ({preset.name} rule: >= {rule_text}: 1, none: 0, in between: unlabelled)")
+    return SliceLabels(rows, source=f"the masks ({preset.weak_label_rule()})")

@@ -229,6 +229,23 @@ class TaskPreset:
         """The fields that shape the slices (what a slice cache is keyed on), as a plain dict."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.repr}
 
+    def weak_label_rule(self) -> str:
+        """
+        The weak-label rule in words, as logs and labels files quote it.
+
+        Example::
+
+            >>> TASKS["brats"].weak_label_rule()
+            'brats rule: >= 0.2 % of the slice: 1, none: 0, in between: unlabelled'
+        """
+        parts = []
+        if self.positive_min_fraction:
+            parts.append(f"{100 * self.positive_min_fraction:g} % of the slice")
+        if self.positive_min_pixels:
+            parts.append(f"{self.positive_min_pixels} pixels")
+        least = " and ".join(parts) or "any target pixel"
+        return f"{self.name} rule: >= {least}: 1, none: 0, in between: unlabelled"
+
     def list_cases(self, root: str | os.PathLike, require_seg: bool = True, modality: str | None = None) -> list[dict]:
         """
         The cases of a dataset folder of this task's layout (see :py:meth:`DatasetLayout.find_cases`).
