@@ -39,7 +39,7 @@ from monai_wsss.bundle import prepare_splits
 from monai_wsss.data import TASKS, build_slice_dataset
 from monai_wsss.inferers import CAM_METHODS, ClassActivationMapInferer, IntensityThresholdInferer
 from monai_wsss.metrics import PixelAUCMetric, SegmentationScores
-from monai_wsss.transforms import NormalizeMap, OtsuThreshold, oriented_map
+from monai_wsss.transforms import MODEL_INTENSITY_RANGE, NormalizeMap, OtsuThreshold, oriented_map
 from monai_wsss.utils.atomic_files import atomic_write, write_text_atomic
 
 __all__ = [
@@ -209,7 +209,7 @@ def build_methods(
 
 def maps_to_masks(maps: torch.Tensor, images: torch.Tensor, spec: MethodSpec) -> torch.Tensor:
     """The shared post-processing: normalise inside the body, then per-slice Otsu (or the method's fixed threshold)."""
-    body = (images > -1 + 1e-6).float()  # model space maps intensity 0 (background) to -1
+    body = (images > MODEL_INTENSITY_RANGE[0] + 1e-6).float()  # model space maps intensity 0 (background) to -1
     if spec.fixed_threshold is not None:
         return AsDiscrete(threshold=spec.fixed_threshold)(maps).as_subclass(torch.Tensor).float() * body
     norm, otsu = NormalizeMap(mode=spec.map_mode), OtsuThreshold()
@@ -251,7 +251,7 @@ def evaluate_method(
             masks = maps_to_masks(maps, x.cpu(), spec)
             scores(masks, y)
             # pixel scores read like the masks are (e.g. |a| for an "abs" map), on the raw scale
-            auc(oriented_map(maps, spec.map_mode), y, body_mask=(x.cpu() > -1 + 1e-6).float())
+            auc(oriented_map(maps, spec.map_mode), y, body_mask=(x.cpu() > MODEL_INTENSITY_RANGE[0] + 1e-6).float())
         runs.append({**scores.aggregate(), **auc.aggregate()})
     n_runs = len(runs)
 

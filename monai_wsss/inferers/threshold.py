@@ -11,6 +11,7 @@ from monai.transforms import AsDiscrete
 from monai.utils import convert_to_tensor
 
 from monai_wsss.inferers.diffusion_map import DiffusionMapInferer
+from monai_wsss.transforms.model_space import MODEL_INTENSITY_RANGE
 
 __all__ = ["IntensityThresholdInferer", "masked_percentile"]
 
@@ -98,7 +99,7 @@ class IntensityThresholdInferer(Inferer):
         self,
         percentile: float | None = 99.0,
         threshold: float = 0.7,
-        intensity_range: Sequence[float] = (-1.0, 1.0),
+        intensity_range: Sequence[float] = MODEL_INTENSITY_RANGE,
         body_threshold: float = 0.0,
         whole_volume: bool = False,
     ) -> None:
