@@ -146,3 +146,12 @@ def test_weak_label_rule_is_quoted_from_the_preset():
     assert TASKS["chaos"].weak_label_rule() == "chaos rule: >= 0.2 % of the slice: 1, none: 0, in between: unlabelled"
     custom = TASKS["brats"].replace(name="b", positive_min_fraction=None, positive_min_pixels=50)
     assert custom.weak_label_rule() == "b rule: >= 50 pixels: 1, none: 0, in between: unlabelled"
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_presets_pickle_for_worker_processes(task):
+    import pickle
+
+    copy = pickle.loads(pickle.dumps(TASKS[task]))
+    assert copy == TASKS[task] and dict(copy.method_defaults) == dict(TASKS[task].method_defaults)
+    assert copy.layout.list_cases is TASKS[task].layout.list_cases

@@ -22,7 +22,6 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import MappingProxyType
 
 from monai_wsss.data.datalist import build_brats_datalist, build_chaos_datalist
 from monai_wsss.transforms.postprocess import NORMALIZE_MODES
@@ -42,6 +41,25 @@ MAP_THRESHOLD_MODES = ("otsu", "average_otsu")
 #: the scopes a map is normalised to ``[0, 1]`` over before thresholding
 NORMALIZE_SCOPES = ("slice", "volume")
 _MAP_MODES = (None, *NORMALIZE_MODES)  # None: the map is kept on its own scale
+
+
+class _ReadOnlyMapping(Mapping):
+    """A read-only mapping that pickles (``MappingProxyType`` does not, and presets travel to worker processes)."""
+
+    def __init__(self, data: Mapping) -> None:
+        self._data = dict(data)
+
+    def __getitem__(self, key):
+        return self._data[key]
+
+    def __iter__(self):
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __repr__(self) -> str:
+        return repr(self._data)
 
 
 @dataclass(frozen=True)
@@ -219,7 +237,7 @@ class TaskPreset:
                     f"TaskPreset.method_defaults[{method!r}] must be a MethodDefaults, got {type(defaults).__name__}."
                 )
         # read-only, so a preset shared by every caller cannot be changed by one of them
-        object.__setattr__(self, "method_defaults", MappingProxyType(dict(self.method_defaults)))
+        object.__setattr__(self, "method_defaults", _ReadOnlyMapping(self.method_defaults))
 
     def replace(self, **changes) -> TaskPreset:
         """A copy with some fields changed, e.g. ``TASKS["brats"].replace(positive_min_pixels=50)``."""
