@@ -33,7 +33,7 @@ import torch
 
 from monai_wsss.apps.methods import default_threshold
 from monai_wsss.apps.reports import format_summary_table
-from monai_wsss.transforms.io import write_text_atomic
+from monai_wsss.utils.atomic_files import write_text_atomic
 
 __all__ = [
     "DEMO_SETTINGS",
@@ -304,7 +304,7 @@ def run_demo(
     from monai_wsss.apps.methods import METHODS
     from monai_wsss.data import make_synthetic_dataset
 
-    from monai_wsss.inferers import reuse_freed_memory
+    from monai_wsss.utils import reuse_freed_memory
 
     # training and inference both allocate the same large activations on every iteration: keep them in the heap
     reuse_freed_memory()

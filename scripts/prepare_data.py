@@ -26,16 +26,11 @@ from pathlib import Path
 from monai_wsss.data import (
     SPLIT_KEYS,
     TASKS,
-    build_brats_datalist,
-    build_chaos_datalist,
     build_slice_dataset,
     split_cases,
     write_datalist,
 )
-from monai_wsss.transforms.io import write_text_atomic
-
-BUILDERS = {"brats": build_brats_datalist, "chaos": build_chaos_datalist}
-
+from monai_wsss.utils.atomic_files import write_text_atomic
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -54,7 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     size = tuple(args.spatial_size) * (2 if len(args.spatial_size) == 1 else 1)
     out_dir = Path(args.out_dir)
-    items = BUILDERS[args.task](args.data_dir)
+    items = TASKS[args.task].list_cases(args.data_dir)
     splits = split_cases(items, val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed)
     datalist = write_datalist(out_dir / "datalist.json", splits)
     print(f"{args.task}: {len(items)} cases from {args.data_dir} -> {datalist}")

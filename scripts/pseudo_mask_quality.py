@@ -40,18 +40,15 @@ from monai_wsss.apps import (
     list_volumes,
     load_weights,
 )
-from monai_wsss.data import SliceLabels
+from monai_wsss.data import TASKS, SliceLabels
+from monai_wsss.metrics import binary_dice
 from monai_wsss.transforms.slicing import slice_foreground_fraction
 
-
-def _dice(pred: np.ndarray, gt: np.ndarray) -> float:
-    total = pred.sum() + gt.sum()
-    return float(2 * (pred & gt).sum() / total) if total > 0 else float("nan")
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", choices=("brats", "chaos"), required=True)
+    p.add_argument("--task", choices=sorted(TASKS), required=True)
     p.add_argument("--datalist", required=True)
     p.add_argument("--split", default="validation")
     p.add_argument("--factors", type=float, nargs="+", default=[0.5, 0.6, 0.7, 0.8, 0.9])
@@ -94,11 +91,11 @@ def main(argv: list[str] | None = None) -> dict:
         for item in items:
             data = gen(item)
             pseudo, seg = np.asarray(data["pseudo"])[0] > 0, np.asarray(data["seg"])[0] > 0
-            vol.append(_dice(pseudo, seg))
+            vol.append(binary_dice(pseudo, seg))
             positive = (data["slice_label"] == 1).numpy()
             axis = gen.preset.slice_axis
             ps, ss = np.moveaxis(pseudo, axis, 0), np.moveaxis(seg, axis, 0)
-            per_slice += [_dice(ps[k], ss[k]) for k in np.flatnonzero(positive)]
+            per_slice += [binary_dice(ps[k], ss[k]) for k in np.flatnonzero(positive)]
         out[name] = (float(np.nanmean(vol)), float(np.nanmean(per_slice)))
         label = name[0] if healthy is None else f"{name[0]}, healthy {healthy}"
         print(f"| {label} | {out[name][0]:.3f} | {out[name][1]:.3f} |", flush=True)

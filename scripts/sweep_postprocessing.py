@@ -33,12 +33,9 @@ from monai.metrics import compute_confusion_matrix_metric, get_confusion_matrix
 from monai.transforms import RemoveSmallObjects
 
 from monai_wsss.apps import VolumeSegmentationPipeline, build_method_inferer, list_volumes, load_weights
-from monai_wsss.data import SliceLabels
+from monai_wsss.data import TASKS, SliceLabels
+from monai_wsss.metrics import binary_dice
 
-
-def _dice(pred: np.ndarray, gt: np.ndarray) -> float:
-    total = pred.sum() + gt.sum()
-    return float(2 * (pred & gt).sum() / total) if total > 0 else float("nan")
 
 
 #: volume Dice differences below this count as ties (two or three validation volumes)
@@ -57,7 +54,7 @@ def _slice_f1(marked: np.ndarray, labels: np.ndarray) -> float:
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bundle_root", required=True)
-    p.add_argument("--task", choices=("brats", "chaos"), required=True)
+    p.add_argument("--task", choices=sorted(TASKS), required=True)
     p.add_argument("--datalist", required=True, help="datalist JSON of the bundle's split (a training run writes it)")
     p.add_argument("--split", default="validation")
     p.add_argument("--method", choices=("segmenter", "volume_threshold"), default="segmenter")
@@ -122,9 +119,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 mask &= (prob >= gate).reshape(keep)
             if size:
                 mask = RemoveSmallObjects(min_size=size, connectivity=3)(torch.from_numpy(mask[None]).float())[0].numpy() > 0
-            vol.append(_dice(mask, seg))
+            vol.append(binary_dice(mask, seg))
             m, s = np.moveaxis(mask, axis, 0), np.moveaxis(seg, axis, 0)
-            per_slice += [_dice(m[k], s[k]) for k in np.flatnonzero(s.reshape(s.shape[0], -1).any(1))]
+            per_slice += [binary_dice(m[k], s[k]) for k in np.flatnonzero(s.reshape(s.shape[0], -1).any(1))]
             if slice_labels is not None:
                 marked.append(m.reshape(m.shape[0], -1).any(1))
                 slice_truth.append(slice_labels)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from monai.networks.schedulers import DDIMScheduler
 
-from monai_wsss.inferers import reuse_freed_memory
+from monai_wsss.utils import reuse_freed_memory
 from monai_wsss.networks.nets import ConditionalDiffusionUNet, NoisyClassifier
 
 # every training and inference step re-allocates the same activations: keep freed memory in the heap instead of

@@ -18,6 +18,7 @@ from monai_wsss.inferers.cam import (
     default_cam_target_layer,
 )
 from monai_wsss.inferers.threshold import IntensityThresholdInferer, masked_percentile
+from monai_wsss.metrics import binary_dice
 from monai_wsss.networks.nets import NoisyClassifier
 
 _, has_grad_cam = optional_import("pytorch_grad_cam")
@@ -217,11 +218,6 @@ def blob_image(size: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Tenso
     return (unit * 2 - 1)[None, None], blob[None, None], body[None, None]
 
 
-def dice(pred: torch.Tensor, truth: torch.Tensor) -> float:
-    pred, truth = pred.bool(), truth.bool()
-    return float(2 * (pred & truth).sum() / (pred.sum() + truth.sum()))
-
-
 @pytest.mark.parametrize("percentile", [99.0, None])
 def test_intensity_threshold_localises_a_bright_blob(percentile):
     x, blob, body = blob_image()
@@ -232,7 +228,7 @@ def test_intensity_threshold_localises_a_bright_blob(percentile):
     assert heat[blob].mean() > 1.5 * heat[body & ~blob].mean()
     mask = baseline.fixed_threshold_mask(x)
     assert set(mask.unique().tolist()) <= {0.0, 1.0}
-    assert dice(mask, blob) > 0.9
+    assert binary_dice(mask, blob) > 0.9
 
 
 def test_intensity_map_reference_per_item():

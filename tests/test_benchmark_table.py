@@ -205,3 +205,18 @@ def test_speed_benchmark_takes_one_source_of_networks(tmp_path):
 
     with pytest.raises(ValueError, match="either bundle_root"):
         run_speed_benchmark(bundle_root=str(tmp_path), weights=str(tmp_path / "model.pt"))
+
+
+def test_bundle_networks_are_loaded_by_the_apps_weight_loader(tmp_path):
+    import shutil
+    from pathlib import Path
+
+    from monai_wsss.benchmark.table import load_bundle_networks
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "bundles" / "brats_cdm" / "configs", bundle / "configs")
+    (bundle / "models").mkdir()
+    (bundle / "models" / "diffusion.pt").write_bytes(b"not a checkpoint")
+    # the same refusal as inference's load_weights: the file and what it should hold are named
+    with pytest.raises(ValueError, match="cannot read diffusion model checkpoint .*diffusion.pt"):
+        load_bundle_networks(bundle, torch.device("cpu"))

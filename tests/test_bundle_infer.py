@@ -159,7 +159,9 @@ def test_networks_match_the_training_configs(bundle):
             assert override.get(key) == diffusion.get(key), (method, key)
         if method in ("cg_cdm", "cg_diff"):
             assert override.get("classifier_def") == classifier.get("network_def"), method
-    net = ConfigParser(_raw(bundle, "inference_cdm.json")).get_parsed_content("diffusion_def")
+    stacked = ConfigParser()
+    stacked.read_config([str(BUNDLES[bundle] / "configs" / n) for n in ("inference.json", "inference_cdm.json")])
+    net = stacked.get_parsed_content("diffusion_def")
     ref = diffusion.get_parsed_content("network_def")
     assert net.state_dict().keys() == ref.state_dict().keys()
 
@@ -169,15 +171,20 @@ def test_evaluate_is_a_small_override_and_the_bundles_differ_in_task_facts_only(
         evaluate = _raw(bundle, "evaluate.json")
         assert set(evaluate) == {"evaluate", "output_dir", "num_overlays", "report_handler", "eval_handlers"}
     brats, chaos = _raw("brats", "inference.json"), _raw("chaos", "inference.json")
-    # the segmenter's threshold was chosen on each task's validation split (labels only)
-    assert {k for k in brats if brats[k] != chaos.get(k)} == {"bundle_root", "task", "modality", "threshold"}
+    # the tuned values come from the task registry (monai_wsss.data.TASKS), not from the configs
+    assert {k for k in brats if brats[k] != chaos.get(k)} == {"bundle_root", "task", "modality"}
     # the CHAOS weights were trained with a null class (classifier-free guidance, method cfg), the BraTS ones not;
     # BraTS maps are normalised per volume with one average Otsu threshold (chosen on validation), CHAOS per slice;
     # bfloat16 inference was validated on BraTS only, so CHAOS stays float32
     brats_cdm, chaos_cdm = _raw("brats", "inference_cdm.json"), _raw("chaos", "inference_cdm.json")
     assert (brats_cdm["null_class"], chaos_cdm["null_class"]) == (False, True)
     assert (brats_cdm["precision"], chaos_cdm["precision"]) == ("auto", "float32")
-    assert (brats_cdm["threshold"], chaos_cdm["threshold"]) == ("average_otsu", "otsu")
+    parsed = {}
+    for bundle in BUNDLES:
+        parser = ConfigParser()
+        parser.read_config([str(BUNDLES[bundle] / "configs" / n) for n in ("inference.json", "inference_cdm.json")])
+        parsed[bundle] = parser.get_parsed_content("mask_threshold")
+    assert (parsed["brats"], parsed["chaos"]) == ("average_otsu", "otsu")
 
 
 @pytest.mark.parametrize("bundle", sorted(BUNDLES))
@@ -210,6 +217,18 @@ def test_default_bundle_root_is_the_bundle_wherever_the_command_runs(tmp_path, m
     assert Path(locate_bundle_root("chaos_kidney_cdm", argv=listed)).resolve() == BUNDLES["brats"]
     monkeypatch.chdir(BUNDLES["chaos"])  # inside a bundle (model-zoo convention)
     assert locate_bundle_root("brats_cdm", argv=["x"]) == "."
+
+
+def test_installed_package_outside_a_bundle_asks_for_bundle_root(tmp_path, monkeypatch):
+    import monai_wsss.apps.inputs as inputs
+
+    # a wheel install: no repository next to the package, so no bundles/ to fall back to
+    monkeypatch.setattr(inputs, "_source_checkout", lambda: None)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="'brats_cdm'.*pass --bundle_root"):
+        inputs.locate_bundle_root("brats_cdm", argv=["x"])
+    (tmp_path / "configs").mkdir()  # run from inside the bundle: found without the repository
+    assert inputs.locate_bundle_root("brats_cdm", argv=["x"]) == "."
 
 
 # ---- end to end ----------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import pytest
 import torch
 from monai.bundle import ConfigParser, run, verify_metadata
 
-import monai_wsss.bundle.utils
+import monai_wsss.bundle.distributed
 from monai_wsss.bundle import (
     ExponentialMovingAverage,
     SeededEvaluation,
@@ -250,7 +250,7 @@ def test_release_distributed_frees_a_ddp_wrapper_in_a_cycle_before_exit(monkeypa
         monkeypatch.setenv(key, value)
     registered = []
     monkeypatch.setattr(atexit, "register", registered.append)
-    monkeypatch.setattr(monai_wsss.bundle.utils, "_release_registered", False)
+    monkeypatch.setattr(monai_wsss.bundle.distributed, "_release_registered", False)
     try:
         assert init_distributed("gloo") == 0
         assert init_distributed("gloo") == 0  # already up: joins nothing new

@@ -254,3 +254,23 @@ def test_all_empty_predictions_do_not_score_hd95_zero():
     # MONAI's HausdorffDistanceMetric(...).aggregate() gives 0.0 here; we report it as missing
     assert math.isnan(agg["hd95"]) and agg["num_hd95_missing"] == agg["num_scored"] == 2
     assert agg["dice"] == 0.0
+
+
+def test_binary_dice_is_monai_compute_dice_on_one_mask():
+    import numpy as np
+
+    from monai_wsss.metrics import binary_dice
+
+    pred = np.zeros((4, 5, 3), bool)
+    truth = np.zeros((4, 5, 3), bool)
+    pred[:2, :2] = True
+    truth[:2, :3] = True
+    assert binary_dice(pred, truth) == pytest.approx(2 * 12 / (12 + 18))
+    assert binary_dice(torch.as_tensor(pred), torch.as_tensor(truth).float()) == pytest.approx(0.8)
+    assert math.isnan(binary_dice(pred, np.zeros_like(truth)))  # Dice undefined without target (MONAI's default)
+    assert binary_dice(pred, np.zeros_like(truth), ignore_empty=False) == 0.0
+    assert binary_dice(np.zeros_like(pred), np.zeros_like(truth), ignore_empty=False) == 1.0
+    with pytest.raises(ValueError, match="same shape"):
+        binary_dice(pred, truth[:2])
+    with pytest.raises(ValueError, match="`pred` must be binary"):
+        binary_dice(pred * 0.5, truth)

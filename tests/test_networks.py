@@ -84,6 +84,14 @@ def test_null_class_is_the_last_index():
     assert net.embed_classes([2]).shape == (1, net.embedding_dim)
 
 
+@pytest.mark.parametrize("kwargs, name", [({"null_class": "true"}, "null_class"), ({"null_class": 2}, "null_class"),
+                                          ({"num_classes": "2"}, "num_classes"), ({"num_classes": True}, "num_classes")])
+def test_class_arguments_must_be_typed_not_command_line_text(kwargs, name):
+    # the network reads no command-line text: configs parse it (parse_option) before building the network
+    with pytest.raises(ValueError, match=f"{name} must be an? (bool|int)"):
+        ConditionalDiffusionUNet(**{**TINY_UNET, **kwargs})
+
+
 def test_embed_classes_shape_and_values():
     net = tiny_unet()
     e = net.embed_classes(torch.tensor([1, 0, 1]))

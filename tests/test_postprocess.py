@@ -8,6 +8,7 @@ import torch
 from skimage.filters import threshold_otsu
 
 from monai.data import MetaTensor
+from monai.transforms import AsDiscrete
 from monai_wsss.transforms.postprocess import (
     CopyMetaFromd,
     NormalizeMap,
@@ -15,6 +16,7 @@ from monai_wsss.transforms.postprocess import (
     OtsuThreshold,
     OtsuThresholdd,
     dataset_otsu_threshold,
+    keep_largest_component,
     map_writer,
     otsu_thresholds,
 )
@@ -136,9 +138,9 @@ def test_otsu_constant_and_empty_units_give_empty_mask():
     assert mask[..., 2].sum() == 9
     thr = thresholder.thresholds(vol)
     assert np.isnan(thr[0]) and np.isnan(thr[1]) and np.isfinite(thr[2])
-    # a fixed threshold below the constant still gives an empty mask there
-    fixed = OtsuThreshold(threshold=0.5)(vol)
-    assert fixed[..., 1].sum() == 0 and fixed[..., 2].sum() == 9
+    # Otsu only: a fixed threshold is MONAI's AsDiscrete, not a mode of this transform
+    with pytest.raises(TypeError):
+        OtsuThreshold(threshold=0.5)
     # body without any pixel
     assert OtsuThreshold()(vol, body_mask=torch.zeros_like(vol)).sum() == 0
 
@@ -167,8 +169,9 @@ def test_dataset_otsu_is_mean_of_slice_thresholds():
     # a batch tensor of 2D maps is an iterable of (C, H, W) items
     batch = maps[0][0].permute(2, 0, 1)[:, None]
     assert dataset_otsu_threshold(batch) == pytest.approx(np.mean(otsu_thresholds(maps[0], slice_axis=-1)))
-    fixed = OtsuThreshold(threshold=thr)(maps[0])
-    assert torch.equal(fixed, ((maps[0] > thr)).float())
+    # applied as a fixed threshold with MONAI's AsDiscrete
+    fixed = AsDiscrete(threshold=thr)(maps[0])
+    assert torch.equal(torch.as_tensor(fixed), (maps[0] >= thr).float())
 
 
 def test_largest_component_per_slice():
@@ -182,6 +185,13 @@ def test_largest_component_per_slice():
     lcc = OtsuThreshold(largest_component=True)(vol)
     assert lcc[..., 0].sum() == 16 and lcc[0, 7, 7, 0] == 1 and lcc[0, 1, 1, 0] == 0
     assert lcc[..., 1].sum() == 9 and lcc[0, 2, 2, 1] == 1
+    # the same step for a fixed-threshold mask, per slice, and on the whole volume with slice_axis=None
+    assert torch.equal(keep_largest_component(AsDiscrete(threshold=0.5)(vol)), lcc)
+    whole = keep_largest_component(plain, slice_axis=None)
+    # in 3D the 16 px blob of slice 0 joins the 4 px one of slice 1 (20 voxels) and beats the 4 + 9 pair
+    assert whole.sum() == 20 and whole[0, 8, 8, 1] == 1 and whole[0, 2, 2, 1] == 0
+    with pytest.raises(ValueError, match="`mask` must be binary"):
+        keep_largest_component(vol * 0.5)
 
 
 def test_dictionary_versions_with_body_and_output_keys():
@@ -218,8 +228,8 @@ def test_bad_inputs_raise_clear_errors():
         NormalizeMap(mode="log")
     with pytest.raises(ValueError, match="slice_axis"):
         OtsuThreshold(slice_axis=3)
-    with pytest.raises(ValueError, match="threshold"):
-        OtsuThreshold(threshold=float("nan"))
+    with pytest.raises(ValueError, match="nbins"):
+        OtsuThreshold(nbins=1)
     with pytest.raises(ValueError, match="body_mask"):
         OtsuThreshold()(vol, body_mask=torch.ones(1, 24, 20, 4))
     with pytest.raises(ValueError, match="body_key"):

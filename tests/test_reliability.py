@@ -30,7 +30,8 @@ from monai_wsss.data import make_synthetic_dataset
 from monai_wsss.data.synthetic import synthetic_brain_volume
 from monai_wsss.inferers import ConditionDifferenceInferer, IntensityThresholdInferer, VolumeInferer
 from monai_wsss.networks.nets import ConditionalDiffusionUNet
-from monai_wsss.transforms import TEMP_PREFIX, ScaleIntensityNonzeroPercentiles
+from monai_wsss.transforms import ScaleIntensityNonzeroPercentiles
+from monai_wsss.utils import TEMP_PREFIX
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "bundles" / "brats_cdm" / "configs" / "inference.json"
@@ -323,7 +324,7 @@ def test_reports_are_utf8_under_the_c_locale_itk_leaves_behind(tmp_path):
     """ITK's image IO switches the process to the C locale (ASCII); reports with "±" must still be written."""
     from monai_wsss.apps.reports import write_csv
     from monai_wsss.benchmark.table import write_table
-    from monai_wsss.transforms.io import write_text_atomic
+    from monai_wsss.utils.atomic_files import write_text_atomic
 
     previous = locale.setlocale(locale.LC_CTYPE)
     locale.setlocale(locale.LC_CTYPE, "C")

@@ -25,6 +25,7 @@ from monai_wsss.apps import (
 )
 from monai_wsss.data import build_slice_dataset, make_synthetic_dataset, volume_preprocess
 from monai_wsss.inferers import SegmentationProbabilityInferer, SliceProbabilityInferer
+from monai_wsss.metrics import binary_dice
 from monai_wsss.networks.nets import NoisyClassifier
 from conftest import BUNDLES, perturb
 
@@ -41,10 +42,6 @@ def cases(tmp_path_factory):
 def _seg(item) -> np.ndarray:
     return np.asarray(nib.load(item["seg"]).dataobj) > 0
 
-
-def _dice(pred: np.ndarray, gt: np.ndarray) -> float:
-    total = pred.sum() + gt.sum()
-    return 1.0 if total == 0 else float(2 * (pred & gt).sum() / total)
 
 
 class _NoisyIntensity:
@@ -75,7 +72,7 @@ def test_pseudo_masks_are_empty_on_negative_slices_and_cached(cases, tmp_path):
         assert pseudo[..., negative].sum() == 0  # exact: the image-level label says there is nothing
         if (~negative).any():
             assert pseudo[..., ~negative].sum() > 0
-            assert _dice(pseudo[..., ~negative] > 0, seg[..., ~negative]) > 0.3
+            assert binary_dice(pseudo[..., ~negative] > 0, seg[..., ~negative], ignore_empty=False) > 0.3
     # same settings: reused, not recomputed; other settings: another folder
     stamp = [Path(it["pseudo"]).stat().st_mtime_ns for it in items]
     assert [Path(it["pseudo"]).stat().st_mtime_ns for it in gen.generate(cases[:3], tmp_path)] == stamp
@@ -111,7 +108,7 @@ def test_healthy_reference_keeps_only_voxels_brighter_than_the_healthy_slices(ca
     )
     np.testing.assert_array_equal(mask, plain_mask & (image > reference))
     assert mask[..., ~positive].sum() == 0
-    assert _dice(mask, seg) > _dice(plain_mask, seg) + 0.2
+    assert binary_dice(mask, seg, ignore_empty=False) > binary_dice(plain_mask, seg, ignore_empty=False) + 0.2
     assert restricted_gen.settings() != PseudoMaskGenerator(_source(0.3), fill_holes=False).settings()  # cache key
     with pytest.raises(ValueError, match="no slice labelled healthy"):
         restricted_gen.healthy_reference(restricted["image"], torch.zeros_like(restricted["slice_label"], dtype=torch.bool), case="c7")
@@ -170,8 +167,8 @@ def test_segmenter_trained_on_noisy_pseudo_masks_beats_them_on_held_out_volumes(
         gt = _seg(item)
         if not gt.any():
             continue
-        net_dice.append(_dice(np.asarray(seg_pipe.segment(item)["mask"])[0] > 0, gt))
-        pseudo_dice.append(_dice(np.asarray(nib.load(item["pseudo"]).dataobj) > 0, gt))
+        net_dice.append(binary_dice(np.asarray(seg_pipe.segment(item)["mask"])[0] > 0, gt, ignore_empty=False))
+        pseudo_dice.append(binary_dice(np.asarray(nib.load(item["pseudo"]).dataobj) > 0, gt, ignore_empty=False))
     assert net_dice, "no held-out volume with a lesion"
     assert np.mean(net_dice) > np.mean(pseudo_dice) + 0.05, (net_dice, pseudo_dice)
 

@@ -174,6 +174,26 @@ def test_model_space_round_trip_restores_shape_and_affine(source_hw):
         model_space_transform(image_keys="image", seg_keys=("image",))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_batched_model_space_is_the_training_transform_on_plain_tensors(dtype):
+    # inference (VolumeInferer) and training (model_space_transform) share one model-space rule
+    from monai_wsss.inferers import VolumeInferer
+    from monai_wsss.transforms import resize_slices, slices_to_model_space
+
+    slices = torch.rand(3, 1, 100, 90, generator=torch.Generator().manual_seed(0))
+    to_model = model_space_transform((32, 32), seg_keys=())
+    expected = torch.stack([torch.as_tensor(to_model({"image": MetaTensor(s)})["image"]) for s in slices])
+    batched = slices_to_model_space(slices.to(dtype), (32, 32))
+    assert batched.dtype == dtype and type(batched) is torch.Tensor
+    torch.testing.assert_close(batched.float(), expected, atol=1e-2 if dtype == torch.float16 else 1e-6, rtol=0)
+    torch.testing.assert_close(VolumeInferer(roi_size=(32, 32)).to_model_space(slices), expected, atol=1e-6, rtol=0)
+    assert torch.equal(slices_to_model_space(slices, (100, 90), rescale=False), slices)
+    with pytest.raises(ValueError, match="`x` must be a batch of slices"):
+        resize_slices(slices[0], (32, 32))
+    with pytest.raises(ValueError, match="`size` must be two positive ints"):
+        resize_slices(slices, (32, 0))
+
+
 # ---------------------------------------------------------------- loading and validation
 
 

@@ -2,7 +2,7 @@
 """Ready-made applications: whole-volume segmentation and evaluation (what the bundles' inference and evaluate
 configs call), method selection by name, input listing, weight loading, reports and overlays."""
 
-from monai_wsss.apps.inputs import VOLUME_TASKS, list_volumes, load_weights, locate_bundle_root
+from monai_wsss.apps.inputs import list_volumes, load_weights, locate_bundle_root
 from monai_wsss.apps.methods import (
     CLASSIFIER_METHODS,
     METHODS,
@@ -13,6 +13,7 @@ from monai_wsss.apps.methods import (
     default_min_component_size,
     default_normalize_per,
     default_threshold,
+    method_defaults,
 )
 from monai_wsss.apps.pipeline import THRESHOLD_MODES, VolumeSegmentationPipeline
 from monai_wsss.apps.pseudo_masks import PseudoMaskGenerator
@@ -44,7 +45,6 @@ __all__ = [
     "THRESHOLD_MODES",
     "RunFolder",
     "RunFolderError",
-    "VOLUME_TASKS",
     "VolumeEvaluation",
     "VolumeSegmentationPipeline",
     "build_method_inferer",
@@ -57,6 +57,7 @@ __all__ = [
     "list_volumes",
     "load_weights",
     "locate_bundle_root",
+    "method_defaults",
     "name_run_items",
     "run_settings",
     "save_overlay",

@@ -11,12 +11,9 @@ from pathlib import Path
 import torch
 
 from monai_wsss.bundle.options import config_files_from_argv
-from monai_wsss.data import build_brats_datalist, build_chaos_datalist, load_datalist
+from monai_wsss.data import TaskPreset, get_task, load_datalist
 
-__all__ = ["VOLUME_TASKS", "list_volumes", "locate_bundle_root", "load_weights"]
-
-#: tasks whose dataset folders :py:func:`list_volumes` can read
-VOLUME_TASKS = ("brats", "chaos")
+__all__ = ["list_volumes", "locate_bundle_root", "load_weights"]
 
 _NIFTI = (".nii.gz", ".nii")
 
@@ -47,9 +44,9 @@ def list_volumes(
     dataset_dir: str | os.PathLike | None = None,
     image: str | os.PathLike | None = None,
     seg: str | os.PathLike | None = None,
-    task: str = "brats",
+    task: str | TaskPreset = "brats",
     split: str | None = None,
-    modality: str = "flair",
+    modality: str | None = None,
     require_seg: bool = False,
 ) -> list[dict]:
     """
@@ -57,9 +54,10 @@ def list_volumes(
 
     Exactly one source is given:
 
-    - ``dataset_dir`` a folder: every case in it, read by the task's layout (``"brats"``: BraTS
-      ``<case>/<case>_<modality>.nii.gz`` or Decathlon Task01 ``dataset.json`` + ``imagesTr/``; ``"chaos"``:
-      ``image_<N>.nii.gz`` + ``label_<N>.nii.gz``); masks are picked up when present.
+    - ``dataset_dir`` a folder: every case in it, read by the task's layout in the task registry (``"brats"``:
+      BraTS ``<case>/<case>_<modality>.nii.gz`` or Decathlon Task01 ``dataset.json`` + ``imagesTr/``; ``"chaos"``:
+      ``image_<N>.nii.gz`` + ``label_<N>.nii.gz``); masks are picked up when present. A folder the layout names
+      a volume (a CHAOS ``image_<N>`` DICOM series) is one volume.
     - ``dataset_dir`` a datalist JSON (e.g. the ``datalist.json`` a training run writes): the items of ``split``
       (default ``"test"``).
     - ``dataset_dir`` or ``image`` a single NIfTI file (``seg`` optionally gives its mask).
@@ -68,17 +66,18 @@ def list_volumes(
         dataset_dir: dataset folder, datalist JSON or NIfTI file.
         image: a single NIfTI file (alternative to ``dataset_dir``).
         seg: ground-truth mask of a single file.
-        task: ``"brats"`` or ``"chaos"`` (folder layout).
+        task: a task name in :py:data:`~monai_wsss.data.TASKS` or a preset (folder layout).
         split: split of a datalist JSON (default ``"test"``); only for datalists.
-        modality: BraTS image suffix (``flair``, ``t1``, ``t1ce``, ``t2``).
+        modality: image modality of the layout (BraTS: ``flair``, ``t1``, ``t1ce``, ``t2``; CHAOS: ``t2spir``);
+            default: the layout's first.
         require_seg: every item must have a ground-truth mask (evaluation).
 
     Returns:
         list of items, in the folder's / datalist's order.
 
     Raises:
-        ValueError: no source or two sources, an unknown task, ``split`` or ``seg`` given where they do not
-            apply, an empty split, a file that is not NIfTI / JSON, or a case without mask when ``require_seg``.
+        ValueError: no source or two sources, an unknown task or a modality its layout does not hold, ``split`` or
+            ``seg`` given where they do not apply, an empty split, a file that is not NIfTI / JSON, or a case without mask when ``require_seg``.
         FileNotFoundError: a path that does not exist (and the errors of the dataset readers).
 
     Example::
@@ -87,8 +86,7 @@ def list_volumes(
         items = list_volumes(image="BraTS_case_flair.nii.gz")                 # one volume
         items = list_volumes("outputs/train_diffusion/datalist.json", split="test")
     """
-    if task not in VOLUME_TASKS:
-        raise ValueError(f"unknown task {task!r}, expected one of {VOLUME_TASKS}.")
+    preset = get_task(task)
     if dataset_dir is None and image is None:
         raise ValueError(
             "no input volumes: pass --dataset_dir <folder | datalist.json | NIfTI file> or --image <NIfTI file>."
@@ -101,7 +99,7 @@ def list_volumes(
         raise FileNotFoundError(f"{name} not found: {source}")
     if source.is_file() and source.name.endswith(".json"):
         kind = "datalist"
-    elif source.is_dir() and image is None and not (task == "chaos" and source.name.startswith("image_")):
+    elif source.is_dir() and image is None and not (preset.layout is not None and preset.layout.is_volume_folder(source)):
         kind = "folder"
     else:
         kind = "single"  # a NIfTI file (or a DICOM series folder given as --image)
@@ -123,10 +121,7 @@ def list_volumes(
                 raise ValueError(f"datalist {source}: split {name!r} item {i} has no 'image'.")
             item.setdefault("case", _nifti_stem(Path(item["image"])) or Path(item["image"]).name)
     elif kind == "folder":
-        if task == "brats":
-            items = build_brats_datalist(source, modality=modality, require_seg=False)
-        else:
-            items = build_chaos_datalist(source, require_seg=False)
+        items = preset.list_cases(source, require_seg=False, modality=modality)
     else:
         items = _single_volume(source, seg)
 
@@ -146,6 +141,12 @@ def _config_file_from_argv(argv: Sequence[str]) -> Path | None:
     return files[0] if files else None
 
 
+def _source_checkout() -> Path | None:
+    """The repository root when the package is imported from a source checkout (an installed wheel has none)."""
+    root = Path(__file__).resolve().parents[2]  # <root>/monai_wsss/apps/inputs.py
+    return root if (root / "setup.cfg").is_file() and (root / "bundles").is_dir() else None
+
+
 def locate_bundle_root(name: str, argv: Sequence[str] | None = None) -> str:
     """
     The folder of a bundle of this repository, so that ``python -m monai.bundle run --config_file
@@ -153,8 +154,8 @@ def locate_bundle_root(name: str, argv: Sequence[str] | None = None) -> str:
 
     In order: the bundle of the ``--config_file`` on the command line (``<bundle>/configs/*.json``); the working
     directory when it is a bundle (``configs/`` inside, the MONAI model-zoo convention); the repository copy
-    ``bundles/<name>`` next to the installed package; else ``"."``. ``--bundle_root`` on the command line
-    overrides all of this, as in every MONAI bundle.
+    ``bundles/<name>`` when the package runs from a source checkout. ``--bundle_root`` on the command line
+    overrides all of this, as in every MONAI bundle (this function is then not called).
 
     Args:
         name: the bundle's folder name, e.g. ``"brats_cdm"``.
@@ -162,6 +163,10 @@ def locate_bundle_root(name: str, argv: Sequence[str] | None = None) -> str:
 
     Returns:
         the bundle folder as a string.
+
+    Raises:
+        FileNotFoundError: none of the above holds (e.g. an installed package run outside its bundle): the
+            message says to pass ``--bundle_root``.
 
     Example::
 
@@ -172,10 +177,14 @@ def locate_bundle_root(name: str, argv: Sequence[str] | None = None) -> str:
         return str(config_file.parent.parent)
     if Path("configs").is_dir():
         return "."
-    repo_copy = Path(__file__).resolve().parents[2] / "bundles" / name
-    if (repo_copy / "configs").is_dir():
-        return str(repo_copy)
-    return "."
+    checkout = _source_checkout()
+    if checkout is not None and (checkout / "bundles" / name / "configs").is_dir():
+        return str(checkout / "bundles" / name)
+    raise FileNotFoundError(
+        f"cannot find the bundle folder of {name!r}: no --config_file inside a <bundle>/configs/ folder, the working "
+        f"directory {Path.cwd()} has no configs/, and monai_wsss is not run from a source checkout holding "
+        f"bundles/{name}; pass --bundle_root <the bundle folder>."
+    )
 
 
 def _state_dict_of(obj: object, path: Path) -> dict:

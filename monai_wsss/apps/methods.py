@@ -1,5 +1,6 @@
 # Copyright (c) monai_wsss contributors. Licensed under the Apache License, Version 2.0.
-"""The segmentation methods a bundle can run, by name, built from one set of hyper-parameters."""
+"""The segmentation methods a bundle can run, by name, built from one set of hyper-parameters; their default
+post-processing per task is read from the task registry (:py:mod:`monai_wsss.data.tasks`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from collections.abc import Callable
 
 import torch
 
+from monai_wsss.data.tasks import MethodDefaults, TaskPreset, get_task
 from monai_wsss.inferers import (
     ConditionDifferenceInferer,
     GuidedDiffusionAnomalyInferer,
@@ -24,6 +26,7 @@ __all__ = [
     "default_min_component_size",
     "default_normalize_per",
     "default_threshold",
+    "method_defaults",
 ]
 
 #: method names: the second-stage segmentation network trained on diffusion pseudo-masks, CDM, classifier-guided
@@ -38,8 +41,12 @@ NETWORK_METHODS = ("cdm", "cg_cdm", "cg_diff", "cfg")
 #: methods that need the second-stage segmentation network (``train_segmentation.json``)
 SEGMENTER_METHODS = ("segmenter",)
 
-# the fixed threshold of the per-volume intensity baseline, on its map (intensity / 99th body percentile)
+# the per-volume intensity baseline is defined by its fixed threshold on intensity / 99th body percentile, on every
+# task (the other methods' defaults are tuned per task, in the task registry)
 _VOLUME_THRESHOLD = 0.7
+_VOLUME_THRESHOLD_DEFAULTS = MethodDefaults(
+    _VOLUME_THRESHOLD, "volume", None, 0, chosen_on="the baseline's definition (docs: DESIGN.md, intensity thresholding)"
+)
 
 
 def _check_method(method: str) -> None:
@@ -47,95 +54,135 @@ def _check_method(method: str) -> None:
         raise ValueError(f"unknown method {method!r}, expected one of {METHODS}.")
 
 
-def default_map_mode(method: str, task: str = "brats") -> str | None:
+def method_defaults(method: str, task: str | TaskPreset = "brats") -> MethodDefaults:
     """
-    How a method's raw map becomes a ``[0, 1]`` map before thresholding (``NormalizeMap`` mode).
+    A method's default post-processing on a task, read from the task registry
+    (:py:attr:`TaskPreset.method_defaults <monai_wsss.data.TaskPreset>`), with where it was chosen (``chosen_on``).
+
+    Args:
+        method: one of :py:data:`METHODS`.
+        task: a task name in :py:data:`~monai_wsss.data.TASKS` or a :py:class:`~monai_wsss.data.TaskPreset`.
+
+    Returns:
+        the :py:class:`~monai_wsss.data.MethodDefaults`.
+
+    Raises:
+        ValueError: unknown method or task, or a task without defaults for the method.
+
+    Example::
+
+        >>> method_defaults("segmenter", "chaos").min_component_size
+        1000
+    """
+    _check_method(method)
+    preset = get_task(task)
+    if method == "volume_threshold":
+        return _VOLUME_THRESHOLD_DEFAULTS
+    if method not in preset.method_defaults:
+        raise ValueError(
+            f"task {preset.name!r} has no defaults for method {method!r} (it has {sorted(preset.method_defaults)}); "
+            "add them to its TaskPreset.method_defaults in monai_wsss/data/tasks.py."
+        )
+    return preset.method_defaults[method]
+
+
+def default_map_mode(method: str, task: str | TaskPreset = "brats") -> str | None:
+    """
+    How a method's raw map becomes a ``[0, 1]`` map before thresholding (``NormalizeMap`` mode), from the task
+    registry.
 
     CDM and CG-CDM give a signed map, positive where the target class makes the image brighter: ``"signed"`` for
     hyperintense targets (BraTS FLAIR tumours), ``"abs"`` where the sign is not known to be one-sided (CHAOS
     kidney on T2-SPIR). CG-Diff and classifier-free maps are ``|x - x_hat| >= 0``: ``"abs"``. The threshold
-    baseline is kept on its own scale (``None``: no normalisation, then a fixed threshold).
+    baselines and the segmenter are kept on their own scale (``None``: no normalisation, then a fixed threshold).
 
     Args:
         method: one of :py:data:`METHODS`.
-        task: ``"brats"`` or ``"chaos"``.
+        task: a task name or preset.
 
     Returns:
         ``"signed"``, ``"abs"`` or None.
 
     Raises:
-        ValueError: unknown method.
+        ValueError: unknown method or task.
 
     Example::
 
         >>> default_map_mode("cdm", "brats"), default_map_mode("cg_diff")
         ('signed', 'abs')
     """
-    _check_method(method)
-    if method in ("threshold", "volume_threshold", "segmenter"):
-        return None
-    if method in ("cdm", "cg_cdm"):
-        return "signed" if task == "brats" else "abs"
-    return "abs"
+    return method_defaults(method, task).map_mode
 
 
-def default_threshold(method: str, task: str = "brats") -> str | float:
+def default_threshold(method: str, task: str | TaskPreset = "brats") -> str | float:
     """
-    The bundles' default mask threshold of a method (the pipeline's ``threshold``).
-
-    - ``"segmenter"``: a probability chosen from labels alone on each task's validation split with the committed
-      weights (``scripts/sweep_postprocessing.py --criterion labels``: volume Dice against the validation scans'
-      pseudo-masks): 0.5 on BraTS (0.880 vs 0.878 at 0.3 and 0.864 at 0.7), 0.3 on CHAOS (0.843 vs 0.833 at 0.5
-      and 0.761 at 0.7);
-    - ``"volume_threshold"``: 0.7 on intensity / 99th body percentile, the definition of that baseline;
-    - the map methods: one average Otsu threshold over the run's per-volume normalised maps on BraTS (chosen on
-      validation: it leaves tumour-free slices empty), per-slice Otsu on CHAOS (no difference there).
+    The bundles' default mask threshold of a method (the pipeline's ``threshold``), from the task registry: a
+    probability for the segmenter (chosen from labels alone on each task's validation split), 0.7 for
+    ``"volume_threshold"`` (its definition), and ``"average_otsu"`` or ``"otsu"`` for the map methods. Each value's
+    ``chosen_on`` note (:py:func:`method_defaults`) names where it was chosen.
 
     Args:
         method: one of :py:data:`METHODS`.
-        task: ``"brats"`` or ``"chaos"``.
+        task: a task name or preset.
 
     Returns:
         a float, ``"average_otsu"`` or ``"otsu"``.
 
     Raises:
-        ValueError: unknown method.
+        ValueError: unknown method or task.
 
     Example::
 
         >>> default_threshold("segmenter"), default_threshold("cg_cdm", "brats"), default_threshold("cdm", "chaos")
         (0.5, 'average_otsu', 'otsu')
     """
-    _check_method(method)
-    if method == "segmenter":
-        return 0.5 if task == "brats" else 0.3
-    if method == "volume_threshold":
-        return _VOLUME_THRESHOLD
-    return "average_otsu" if task == "brats" else "otsu"
+    return method_defaults(method, task).threshold
 
 
-def default_min_component_size(method: str, task: str = "brats") -> int:
+def default_min_component_size(method: str, task: str | TaskPreset = "brats") -> int:
     """
-    The bundles' default 3D component filter of a method (the pipeline's ``min_component_size``, in voxels): 1000
-    for the segmenter (chosen from labels alone on the validation split of both tasks: slice F1 against the labels
-    0.989 vs 0.925 without it on BraTS, 0.909 vs 0.857 on CHAOS, volume Dice against the pseudo-masks within
-    0.006), 0 (off) for the other methods, whose defaults were chosen without it.
+    The bundles' default 3D component filter of a method (the pipeline's ``min_component_size``, in voxels), from
+    the task registry: 1000 for the segmenter on both tasks, 0 (off) for the other methods.
+
+    Args:
+        method: one of :py:data:`METHODS`.
+        task: a task name or preset.
+
+    Returns:
+        the smallest component kept, in voxels (0: no filter).
 
     Raises:
-        ValueError: unknown method.
+        ValueError: unknown method or task.
 
     Example::
 
         >>> default_min_component_size("segmenter"), default_min_component_size("cg_cdm")
         (1000, 0)
     """
-    _check_method(method)
-    return 1000 if method in SEGMENTER_METHODS else 0
+    return method_defaults(method, task).min_component_size
 
 
-def default_normalize_per(method: str, task: str = "brats") -> str:
-    """``"volume"`` or ``"slice"``: the map normalisation scope that goes with :py:func:`default_threshold`."""
-    return "volume" if default_threshold(method, task) != "otsu" else "slice"
+def default_normalize_per(method: str, task: str | TaskPreset = "brats") -> str:
+    """
+    ``"volume"`` or ``"slice"``: the map normalisation scope that goes with :py:func:`default_threshold`, from the
+    task registry.
+
+    Args:
+        method: one of :py:data:`METHODS`.
+        task: a task name or preset.
+
+    Returns:
+        ``"volume"`` or ``"slice"``.
+
+    Raises:
+        ValueError: unknown method or task.
+
+    Example::
+
+        >>> default_normalize_per("cdm", "brats"), default_normalize_per("cdm", "chaos")
+        ('volume', 'slice')
+    """
+    return method_defaults(method, task).normalize_per
 
 
 def build_method_inferer(

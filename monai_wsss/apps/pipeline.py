@@ -15,18 +15,19 @@ from typing import Any
 import torch
 from monai.data import DataLoader, Dataset
 from monai.engines import SupervisedEvaluator
-from monai.transforms import Compose, RemoveSmallObjects
+from monai.transforms import AsDiscrete, Compose, RemoveSmallObjects
 from monai.utils import convert_to_tensor
 
 import monai_wsss
 from monai_wsss.apps.run_folder import RunFolder, component_settings, name_run_items
-from monai_wsss.data import TASKS, TaskPreset, volume_preprocess
+from monai_wsss.data import TaskPreset, get_task, volume_preprocess
 from monai_wsss.data.slice_dataset import _UnwrappedErrors
 from monai_wsss.engines import SegmentationPrepareBatch
 from monai_wsss.handlers import DatasetThresholdHandler, RunFolderHandler, VolumeReportHandler
-from monai_wsss.inferers import VolumeInferer
+from monai_wsss.inferers import SliceProbabilityInferer, VolumeInferer
 from monai_wsss.networks.precision import AutocastNetwork
-from monai_wsss.transforms import NormalizeMap, OtsuThreshold, SliceGated, map_writer
+from monai_wsss.transforms import NormalizeMap, OtsuThreshold, SliceGated, keep_largest_component, map_writer
+from monai_wsss.utils import reuse_freed_memory
 
 __all__ = ["VolumeSegmentationPipeline", "THRESHOLD_MODES"]
 
@@ -38,14 +39,6 @@ THRESHOLD_MODES = ("otsu", "average_otsu")
 
 # inferer attributes worth reporting, in this order
 _SETTINGS = ("noise_level", "num_steps", "tau", "guidance_scale", "mode", "cfg_scale", "percentile")
-
-
-def _preset(task: str | TaskPreset) -> TaskPreset:
-    if isinstance(task, TaskPreset):
-        return task
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}, expected one of {sorted(TASKS)} or a TaskPreset.")
-    return TASKS[task]
 
 
 class VolumeSegmentationPipeline:
@@ -119,7 +112,7 @@ class VolumeSegmentationPipeline:
     ) -> None:
         if not callable(inferer):
             raise ValueError(f"`inferer` must be callable as inferer(x, network, ...), got {type(inferer).__name__}.")
-        self.preset = _preset(task)
+        self.preset = get_task(task)
         if isinstance(threshold, str):
             if threshold not in THRESHOLD_MODES:
                 raise ValueError(f"`threshold` must be one of {THRESHOLD_MODES} or a number, got {threshold!r}.")
@@ -153,6 +146,8 @@ class VolumeSegmentationPipeline:
             params = [] if network is None else list(network.parameters())
             device = params[0].device if params else torch.device("cpu")
         self.device = torch.device(device)
+        if self.device.type == "cpu":
+            reuse_freed_memory()  # an application's process-wide choice: slice batches reuse their buffers
         self.seed = int(seed)
         self.volume_inferer = VolumeInferer(
             inferer=inferer,
@@ -166,7 +161,7 @@ class VolumeSegmentationPipeline:
         # kept as an attribute so that a run's manifest records its weights (run_settings)
         self.gate_classifier = gate_classifier if self.slice_gate is not None else None
         self.gate = None if self.slice_gate is None else SliceGated(
-            "mask", gate_classifier, self.slice_gate, self.slice_axis,  # type: ignore[arg-type]
+            "mask", SliceProbabilityInferer(gate_classifier), self.slice_gate, self.slice_axis,  # type: ignore[arg-type]
             roi_size=tuple(getattr(gate_classifier, "input_shape", None) or self.volume_inferer.roi_size),
         )
         self.preprocess = volume_preprocess(self.preset)
@@ -222,13 +217,15 @@ class VolumeSegmentationPipeline:
         threshold = self.threshold if threshold is None else threshold
         if threshold == "average_otsu":
             raise ValueError("threshold='average_otsu' is computed over all volumes of a run: use run(), or pass a float.")
-        thresholder = OtsuThreshold(
-            threshold=None if threshold == "otsu" else float(threshold),
-            slice_axis=self.slice_axis,
-            largest_component=self.largest_component,
-        )
         body = convert_to_tensor(image, track_meta=False)
-        return self.gate_and_filter(convert_to_tensor(thresholder(map01, body_mask=body), track_meta=False), image)
+        if threshold == "otsu":
+            thresholder = OtsuThreshold(slice_axis=self.slice_axis, largest_component=self.largest_component)
+            mask = convert_to_tensor(thresholder(map01, body_mask=body), track_meta=False)
+        else:  # a fixed threshold (a float, or the run's average Otsu): MONAI's AsDiscrete, inside the body
+            mask = convert_to_tensor(AsDiscrete(threshold=float(threshold))(map01), track_meta=False) * (body != 0)
+            if self.largest_component:
+                mask = convert_to_tensor(keep_largest_component(mask, self.slice_axis), track_meta=False)
+        return self.gate_and_filter(mask, image)
 
     def gate_and_filter(self, mask: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         """The volume-aware steps after thresholding: the slice gate, then the 3D component filter (when set)."""

@@ -26,7 +26,8 @@ from monai.utils import convert_to_tensor, optional_import
 from monai_wsss.apps.pipeline import VolumeSegmentationPipeline
 from monai_wsss.data.slice_labels import SliceLabels, mask_slice_labels
 from monai_wsss.inferers.threshold import masked_percentile
-from monai_wsss.transforms.io import SaveVolumed, write_text_atomic
+from monai_wsss.transforms.io import SaveVolumed
+from monai_wsss.utils.atomic_files import write_text_atomic
 from monai_wsss.transforms.slicing import slice_foreground_fraction
 
 tqdm, has_tqdm = optional_import("tqdm", name="tqdm")

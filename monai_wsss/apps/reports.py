@@ -16,7 +16,7 @@ import torch
 from monai.utils import convert_to_tensor, optional_import
 
 from monai_wsss.metrics import SegmentationScores, SliceAUCMetric, compute_auroc_auprc
-from monai_wsss.transforms.io import atomic_write, write_text_atomic
+from monai_wsss.utils.atomic_files import atomic_write, write_text_atomic
 
 plt, has_matplotlib = optional_import("matplotlib.pyplot")
 

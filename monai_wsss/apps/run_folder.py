@@ -23,7 +23,7 @@ import torch
 from monai.inferers import Inferer
 from monai.transforms import Transform
 
-from monai_wsss.transforms.io import TEMP_PREFIX, remove_stale_temporaries, write_text_atomic
+from monai_wsss.utils import TEMP_PREFIX, remove_stale_temporaries, write_text_atomic
 
 __all__ = [
     "MANIFEST_NAME",
@@ -247,7 +247,7 @@ class RunFolder:
       (so the folder never mixes two runs).
 
     Every file is written under a temporary name and renamed into place (see
-    :py:func:`~monai_wsss.transforms.io.atomic_write`); :py:meth:`record` enters it in the manifest, itself
+    :py:func:`~monai_wsss.utils.atomic_files.atomic_write`); :py:meth:`record` enters it in the manifest, itself
     rewritten atomically, so a killed run leaves complete files and a manifest that lists only them.
 
     Args:

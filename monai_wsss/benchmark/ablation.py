@@ -26,7 +26,7 @@ from monai_wsss.apps.reports import write_csv
 from monai_wsss.benchmark.table import MethodSpec, evaluate_method, load_bundle_networks, load_eval_slices
 from monai_wsss.data import TASKS
 from monai_wsss.inferers import ConditionDifferenceInferer, NoiseEnsembleInferer
-from monai_wsss.transforms.io import atomic_write, write_text_atomic
+from monai_wsss.utils.atomic_files import atomic_write, write_text_atomic
 
 __all__ = ["sweep_settings", "run_ablation", "main"]
 

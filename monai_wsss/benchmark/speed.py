@@ -27,10 +27,11 @@ import torch
 from monai.networks.schedulers import DDIMScheduler
 
 from monai_wsss.benchmark.table import bundle_method_settings, load_bundle_networks
+from monai_wsss.apps.inputs import load_weights
 from monai_wsss.apps.methods import build_method_inferer
 from monai_wsss.inferers import VolumeInferer
 from monai_wsss.networks.nets import ConditionalDiffusionUNet, NoisyClassifier
-from monai_wsss.transforms.io import write_text_atomic
+from monai_wsss.utils import reuse_freed_memory, write_text_atomic
 
 __all__ = ["default_networks", "time_call", "run_speed_benchmark", "resolve_speed_settings", "write_result", "main"]
 
@@ -63,9 +64,10 @@ def default_networks(
     """The bundles' default diffusion U-Net and noisy classifier, optionally loaded from checkpoints."""
     net = ConditionalDiffusionUNet(**UNET_DEFAULTS)
     clf = NoisyClassifier(spatial_dims=2, in_channels=1, num_classes=2, input_shape=(size, size))
-    for module, path in ((net, weights), (clf, classifier_weights)):
-        if path:
-            module.load_state_dict(torch.load(path, map_location=device, weights_only=True))
+    if weights:
+        net = load_weights(net, weights, device, name="diffusion model")
+    if classifier_weights:
+        clf = load_weights(clf, classifier_weights, device, name="noisy classifier")
     return net.to(device).eval(), clf.to(device).eval()
 
 
@@ -237,6 +239,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--classifier_weights", default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = resolve_speed_settings(parser.parse_args(argv))
+    if args.device == "cpu":
+        reuse_freed_memory()  # the command's process-wide choice, as in the bundles' runs (docs/performance.md)
     result = run_speed_benchmark(
         batch=args.batch,
         size=args.size,

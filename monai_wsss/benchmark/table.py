@@ -30,15 +30,17 @@ from pathlib import Path
 import numpy as np
 import torch
 from monai.bundle import ConfigParser
+from monai.transforms import AsDiscrete
 
-from monai_wsss.apps.methods import build_method_inferer, default_map_mode
+from monai_wsss.apps.inputs import load_weights
+from monai_wsss.apps.methods import CLASSIFIER_METHODS, NETWORK_METHODS, build_method_inferer, default_map_mode
 from monai_wsss.apps.reports import write_csv
 from monai_wsss.bundle import prepare_splits
 from monai_wsss.data import TASKS, build_slice_dataset
-from monai_wsss.inferers import ClassActivationMapInferer, IntensityThresholdInferer
+from monai_wsss.inferers import CAM_METHODS, ClassActivationMapInferer, IntensityThresholdInferer
 from monai_wsss.metrics import PixelAUCMetric, SegmentationScores
-from monai_wsss.transforms import NormalizeMap, OtsuThreshold, oriented_map
-from monai_wsss.transforms.io import atomic_write, write_text_atomic
+from monai_wsss.transforms import MODEL_INTENSITY_RANGE, NormalizeMap, OtsuThreshold, oriented_map
+from monai_wsss.utils.atomic_files import atomic_write, write_text_atomic
 
 __all__ = [
     "MethodSpec",
@@ -53,18 +55,10 @@ __all__ = [
 ]
 
 METHOD_SETTINGS = ("noise_level", "num_steps", "tau", "guidance_scale", "guided_num_steps", "cgdiff_level", "cgdiff_guidance", "cfg_scale")
-ALL_METHODS = (
-    "threshold",
-    "threshold_fixed",
-    "gradcam",
-    "gradcam++",
-    "scorecam",
-    "layercam",
-    "cg_diff",
-    "cfg",
-    "cdm",
-    "cg_cdm",
-)
+#: the table's rows: two slice-level intensity baselines (per-slice Otsu, and the fixed threshold), the CAM baselines
+#: of :py:data:`~monai_wsss.inferers.CAM_METHODS` and the bundles' diffusion methods
+#: (:py:data:`~monai_wsss.apps.NETWORK_METHODS`, built by :py:func:`~monai_wsss.apps.build_method_inferer`)
+ALL_METHODS = ("threshold", "threshold_fixed", *CAM_METHODS, *NETWORK_METHODS)
 
 
 @dataclass
@@ -87,6 +81,7 @@ def load_bundle_networks(bundle_root: str | Path, device: torch.device) -> tuple
 
     Raises:
         FileNotFoundError: a missing config or diffusion weights file (named).
+        ValueError: weights that do not fit the network (see :py:func:`~monai_wsss.apps.load_weights`).
     """
     root = Path(bundle_root)
     nets = []
@@ -101,10 +96,8 @@ def load_bundle_networks(bundle_root: str | Path, device: torch.device) -> tuple
             continue
         parser = ConfigParser()
         parser.read_config(str(cfg_path))
-        net = parser.get_parsed_content("network_def")
-        state = torch.load(w_path, map_location=device, weights_only=True)
-        net.load_state_dict(state)
-        nets.append(net.to(device).eval())
+        name = "diffusion model" if weights == "diffusion.pt" else "noisy classifier"
+        nets.append(load_weights(parser.get_parsed_content("network_def"), w_path, device, name=name))
     return nets[0], nets[1]
 
 
@@ -184,7 +177,7 @@ def build_methods(
     for name in names:
         if name not in ALL_METHODS:
             raise ValueError(f"unknown method {name!r}; choose from {ALL_METHODS}.")
-        needs_clf = name in ("gradcam", "gradcam++", "scorecam", "layercam", "cg_diff", "cg_cdm")
+        needs_clf = name in CAM_METHODS or name in CLASSIFIER_METHODS
         if needs_clf and classifier is None:
             raise ValueError(f"method {name!r} needs the bundle's classifier (models/classifier.pt).")
         if name == "threshold":
@@ -198,7 +191,7 @@ def build_methods(
                     setting=f"intensity / 99th body percentile > {threshold}",
                 )
             )
-        elif name in ("gradcam", "gradcam++", "scorecam", "layercam"):
+        elif name in CAM_METHODS:
             specs.append(MethodSpec(name, ClassActivationMapInferer(method=name, target_class=1, timestep=0), setting="classifier at t=0"))
         else:  # the diffusion methods exactly as a bundle's inference.json builds them
             inf = build_method_inferer(
@@ -216,9 +209,9 @@ def build_methods(
 
 def maps_to_masks(maps: torch.Tensor, images: torch.Tensor, spec: MethodSpec) -> torch.Tensor:
     """The shared post-processing: normalise inside the body, then per-slice Otsu (or the method's fixed threshold)."""
-    body = (images > -1 + 1e-6).float()  # model space maps intensity 0 (background) to -1
+    body = (images > MODEL_INTENSITY_RANGE[0] + 1e-6).float()  # model space maps intensity 0 (background) to -1
     if spec.fixed_threshold is not None:
-        return ((maps > spec.fixed_threshold) & (body > 0)).float()
+        return AsDiscrete(threshold=spec.fixed_threshold)(maps).as_subclass(torch.Tensor).float() * body
     norm, otsu = NormalizeMap(mode=spec.map_mode), OtsuThreshold()
     return torch.stack([torch.as_tensor(otsu(norm(m, body_mask=b), body_mask=b)) for m, b in zip(maps, body)]).float()
 
@@ -258,7 +251,7 @@ def evaluate_method(
             masks = maps_to_masks(maps, x.cpu(), spec)
             scores(masks, y)
             # pixel scores read like the masks are (e.g. |a| for an "abs" map), on the raw scale
-            auc(oriented_map(maps, spec.map_mode), y, body_mask=(x.cpu() > -1 + 1e-6).float())
+            auc(oriented_map(maps, spec.map_mode), y, body_mask=(x.cpu() > MODEL_INTENSITY_RANGE[0] + 1e-6).float())
         runs.append({**scores.aggregate(), **auc.aggregate()})
     n_runs = len(runs)
 

@@ -33,6 +33,7 @@ import monai_wsss.apps.pipeline as pipeline_module
 from monai_wsss.apps import METHODS
 from monai_wsss.benchmark.speed import write_result
 from monai_wsss.networks.precision import PRECISIONS
+from monai_wsss.utils import reuse_freed_memory
 
 __all__ = ["STAGES", "build_bundle_pipeline", "time_volume", "run_volume_benchmark", "volume_markdown", "main"]
 
@@ -282,6 +283,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parser().parse_args(argv)
+    reuse_freed_memory()  # the command's process-wide choice, as in the bundles' runs (docs/performance.md)
     overrides = {k: getattr(args, k) for k in ("sw_batch_size", "precision") if getattr(args, k) is not None}
     result = run_volume_benchmark(
         args.image, args.bundle_root, args.methods, args.threads, args.max_map_seconds or None, overrides

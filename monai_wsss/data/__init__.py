@@ -1,9 +1,9 @@
 # Copyright (c) monai_wsss contributors
 # Licensed under the Apache License, Version 2.0
-"""Dataset builders (BraTS, Decathlon Task01, CHAOS), case-level splits, datalists, slice datasets, synthetic data."""
+"""The task registry (:py:mod:`monai_wsss.data.tasks`), dataset layouts (BraTS, Decathlon Task01, CHAOS), case-level
+splits, datalists, slice labels, slice datasets, synthetic data."""
 
 from monai_wsss.data.datalist import (
-    DATASET_LAYOUTS,
     SPLIT_KEYS,
     build_brats_datalist,
     build_chaos_datalist,
@@ -11,10 +11,9 @@ from monai_wsss.data.datalist import (
     split_cases,
     write_datalist,
 )
+from monai_wsss.data.tasks import MAP_THRESHOLD_MODES, NORMALIZE_SCOPES, TASKS, DatasetLayout, MethodDefaults, TaskPreset, get_task
 from monai_wsss.data.slice_dataset import (
     SLICE_SPLITS,
-    TASKS,
-    TaskPreset,
     build_slice_dataset,
     require_slice_labels,
     volume_preprocess,
@@ -24,7 +23,10 @@ from monai_wsss.data.slice_labels import LABELS_HEADER, UNLABELLED, SliceLabels,
 from monai_wsss.data.synthetic import make_synthetic_dataset, synthetic_brain_volume
 
 __all__ = [
-    "DATASET_LAYOUTS",
+    "DatasetLayout",
+    "MAP_THRESHOLD_MODES",
+    "MethodDefaults",
+    "NORMALIZE_SCOPES",
     "LABELS_HEADER",
     "UNLABELLED",
     "SliceLabels",
@@ -36,6 +38,7 @@ __all__ = [
     "build_brats_datalist",
     "build_chaos_datalist",
     "build_slice_dataset",
+    "get_task",
     "load_datalist",
     "make_synthetic_dataset",
     "mask_slice_labels",

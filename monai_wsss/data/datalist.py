@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from monai_wsss.transforms.io import write_text_atomic
+from monai_wsss.utils.atomic_files import write_text_atomic
 
 __all__ = [
     "build_brats_datalist",
@@ -21,7 +21,6 @@ __all__ = [
     "write_datalist",
     "load_datalist",
     "SPLIT_KEYS",
-    "DATASET_LAYOUTS",
 ]
 
 #: the split names of a MONAI (Decathlon-format) datalist, in the order they are written
@@ -179,10 +178,6 @@ def build_chaos_datalist(root: str | os.PathLike, require_seg: bool = True) -> l
     if not items:
         raise ValueError(f"no CHAOS case found in {path}: expected image_<N>.nii.gz and label_<N>.nii.gz files.")
     return sorted(items, key=lambda it: int(it["case"]))
-
-
-#: task name -> function listing the cases of a dataset folder of that task's layout
-DATASET_LAYOUTS = {"brats": build_brats_datalist, "chaos": build_chaos_datalist}
 
 
 def split_cases(

@@ -17,8 +17,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from monai_wsss.data.datalist import DATASET_LAYOUTS, load_datalist
+from monai_wsss.data.datalist import load_datalist
 from monai_wsss.data.slice_labels import labels_from_masks
+from monai_wsss.data.tasks import TASKS
 
 __all__ = ["main"]
 
@@ -27,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     """Command line: ``--dataset_dir`` (a dataset folder or a datalist JSON), ``--task``, ``--out``."""
     parser = argparse.ArgumentParser(prog="python -m monai_wsss.data.labels", description=__doc__.split("\n\n")[1])
     parser.add_argument("--dataset_dir", required=True, help="dataset folder (BraTS / CHAOS layout) or datalist JSON")
-    parser.add_argument("--task", required=True, choices=sorted(DATASET_LAYOUTS))
+    parser.add_argument("--task", required=True, choices=sorted(TASKS))
     parser.add_argument("--out", required=True, help="the labels CSV to write (atomically)")
     parser.add_argument("--quiet", action="store_true", help="no line per case")
     args = parser.parse_args(argv)
@@ -35,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     if path.is_file():
         items = [it for split in load_datalist(path).values() for it in split]
     elif path.is_dir():
-        items = DATASET_LAYOUTS[args.task](path, require_seg=False)
+        items = TASKS[args.task].list_cases(path, require_seg=False)
     else:
         parser.error(f"--dataset_dir: no such file or folder: {path}")
     with_mask = [it for it in items if it.get("seg")]

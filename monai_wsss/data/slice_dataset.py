@@ -1,15 +1,13 @@
 # Copyright (c) monai_wsss contributors
 # Licensed under the Apache License, Version 2.0
-"""Task presets and the cached volume -> weakly labelled 2D slice dataset."""
+"""The cached volume -> weakly labelled 2D slice dataset (the tasks it reads are in :py:mod:`monai_wsss.data.tasks`)."""
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,6 +15,7 @@ from monai.data import Dataset, PersistentDataset
 from monai.transforms import AsDiscreted, Compose, MapTransform, Transform
 
 from monai_wsss.data.slice_labels import UNLABELLED, SliceLabels
+from monai_wsss.data.tasks import TaskPreset, get_task
 from monai_wsss.transforms.intensity import ScaleIntensityNonzeroPercentilesd
 from monai_wsss.transforms.io import LoadVolumed
 from monai_wsss.transforms.model_space import model_space_transform
@@ -27,8 +26,6 @@ from monai_wsss.transforms.weak_label import MapTargetLabelsd, WeakSliceLabeld
 __all__ = [
     "ReadableErrorsCompose",
     "SLICE_SPLITS",
-    "TASKS",
-    "TaskPreset",
     "build_slice_dataset",
     "require_slice_labels",
     "volume_preprocess",
@@ -40,63 +37,6 @@ SLICE_SPLITS = ("train", "eval", "all")
 
 # bump when the cached slice format changes, so old caches are not reused
 _CACHE_VERSION = "1"
-
-
-@dataclass(frozen=True)
-class TaskPreset:
-    """
-    Everything task-specific between a volume and its weakly labelled slices.
-
-    Args:
-        name: task name.
-        target_labels: mask values forming the target (``None``: every non-zero value).
-        allowed_labels: every value the mask may contain (others are an error).
-        lower_percentile: intensity percentile (inside the non-zero region) mapped to 0.
-        upper_percentile: intensity percentile mapped to 1.
-        positive_min_pixels: smallest target area (source pixels) of a positive slice (``None``: unused).
-        positive_min_fraction: smallest target fraction of the (source) slice area of a positive slice
-            (``None``: unused). The default 0.002 is about 115 pixels of a 240 x 240 BraTS slice and 8 pixels
-            at 64 x 64; slices with less target are ambiguous (excluded from training).
-        min_body_fraction: smallest non-zero (brain / body) fraction of a slice kept for training / evaluation.
-        eval_min_fraction: at evaluation, drop slices whose target covers more than 0 but less than this
-            fraction of the slice (the CDM paper's CHAOS protocol, 5 %); ``None``: keep them.
-        slice_axis: spatial axis of the slices (2: axial for BraTS / CHAOS NIfTI).
-        image_channel: channel kept from multi-channel images (Decathlon Task01: 0 = FLAIR).
-    """
-
-    name: str
-    target_labels: tuple[int, ...] | None
-    allowed_labels: tuple[int, ...]
-    lower_percentile: float = 0.5
-    upper_percentile: float = 99.5
-    positive_min_pixels: int | None = None
-    positive_min_fraction: float | None = 0.002
-    min_body_fraction: float = 0.05
-    eval_min_fraction: float | None = None
-    slice_axis: int = 2
-    image_channel: int = 0
-
-    def replace(self, **changes) -> TaskPreset:
-        """A copy with some fields changed, e.g. ``TASKS["brats"].replace(positive_min_pixels=50)``."""
-        return dataclasses.replace(self, **changes)
-
-
-#: task presets; BraTS whole tumour (labels 1, 2, 4 of BraTS 2018 and 1, 2, 3 of Decathlon Task01)
-#: and CHAOS kidney (right 2 + left 3; liver 1 and spleen 4 are background)
-TASKS: dict[str, TaskPreset] = {
-    "brats": TaskPreset(name="brats", target_labels=None, allowed_labels=(0, 1, 2, 3, 4)),
-    "chaos": TaskPreset(
-        name="chaos", target_labels=(2, 3), allowed_labels=(0, 1, 2, 3, 4), eval_min_fraction=0.05
-    ),
-}
-
-
-def _preset(task: str | TaskPreset) -> TaskPreset:
-    if isinstance(task, TaskPreset):
-        return task
-    if task not in TASKS:
-        raise ValueError(f"unknown task '{task}', expected one of {sorted(TASKS)} or a TaskPreset.")
-    return TASKS[task]
 
 
 def _root_error(err: BaseException) -> BaseException:
@@ -134,7 +74,7 @@ def volume_preprocess(task: str | TaskPreset = "brats", image_key: str = "image"
     :py:class:`~monai_wsss.transforms.intensity.ScaleIntensityNonzeroPercentilesd`. The mask is optional.
 
     Args:
-        task: task name in :py:data:`TASKS` or a :py:class:`TaskPreset`.
+        task: task name in :py:data:`~monai_wsss.data.TASKS` or a :py:class:`TaskPreset`.
         image_key: key of the image path.
         seg_key: key of the mask path.
 
@@ -150,7 +90,7 @@ def volume_preprocess(task: str | TaskPreset = "brats", image_key: str = "image"
         >>> pre = volume_preprocess("brats")
         >>> # pre({"image": ".../case_flair.nii.gz", "seg": ".../case_seg.nii.gz"})["image"].shape -> (1, 240, 240, 155)
     """
-    preset = _preset(task)
+    preset = get_task(task)
     return ReadableErrorsCompose(
         [
             LoadVolumed([image_key, seg_key], channel=preset.image_channel, allow_missing_keys=True),
@@ -206,7 +146,7 @@ def volume_to_slices(
         >>> to_slices = volume_to_slices("brats", (64, 64))
         >>> # to_slices(item) -> 155 dicts for a BraTS case
     """
-    preset = _preset(task)
+    preset = get_task(task)
     extra = [str(k) for k in extra_mask_keys]
     if {"image", "seg"} & set(extra):
         raise ValueError(f"extra_mask_keys must not repeat 'image' or 'seg', got {extra}.")
@@ -328,7 +268,7 @@ _FILTER_ONLY_FIELDS = ("min_body_fraction", "eval_min_fraction")
 
 def _cache_subdir(cache_dir: str | os.PathLike, preset: TaskPreset, spatial_size, extra_mask_keys=()) -> Path:
     # cached slices depend on the preset and the model size, except the fields used only to filter slices
-    fields = {k: v for k, v in dataclasses.asdict(preset).items() if k not in _FILTER_ONLY_FIELDS}
+    fields = {k: v for k, v in preset.slice_fields().items() if k not in _FILTER_ONLY_FIELDS}
     config = {"version": _CACHE_VERSION, "preset": fields, "spatial_size": list(spatial_size)}
     if extra_mask_keys:  # keeps the digest of existing caches unchanged
         config["extra_mask_keys"] = list(extra_mask_keys)
@@ -363,7 +303,7 @@ def build_slice_dataset(
 
     Args:
         items: datalist items ``{"image": path, "seg": path, "case": id}``.
-        task: task name in :py:data:`TASKS` or a :py:class:`TaskPreset`.
+        task: task name in :py:data:`~monai_wsss.data.TASKS` or a :py:class:`TaskPreset`.
         spatial_size: model-space size (int or (h, w)).
         cache_dir: folder of the persistent per-case cache (``None``: in memory only).
         split: ``"train"``, ``"eval"`` or ``"all"``.
@@ -398,7 +338,7 @@ def build_slice_dataset(
         >>> ds[0]["image"].shape  # doctest: +SKIP
         torch.Size([1, 64, 64])
     """
-    preset = _preset(task)
+    preset = get_task(task)
     if split not in SLICE_SPLITS:
         raise ValueError(f"unknown split '{split}', expected one of {SLICE_SPLITS}.")
     size = (int(spatial_size),) * 2 if isinstance(spatial_size, int) else tuple(int(s) for s in spatial_size)

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from monai_wsss.transforms.io import write_text_atomic
+from monai_wsss.data.tasks import TaskPreset, get_task
+from monai_wsss.utils.atomic_files import write_text_atomic
 
 __all__ = ["LABELS_HEADER", "UNLABELLED", "SliceLabels", "labels_from_masks", "mask_slice_labels"]
 
@@ -319,7 +320,7 @@ class SliceLabels:
         return f"SliceLabels({len(self)} cases from {self.source})"
 
 
-def mask_slice_labels(seg: torch.Tensor, task="brats") -> torch.Tensor:
+def mask_slice_labels(seg: torch.Tensor, task: str | TaskPreset = "brats") -> torch.Tensor:
     """
     The label of every slice of one binary ``(1, H, W, D)`` target mask by the task's documented rule.
 
@@ -336,10 +337,9 @@ def mask_slice_labels(seg: torch.Tensor, task="brats") -> torch.Tensor:
         >>> mask_slice_labels(m, "brats").tolist()
         [0, 1, -1]
     """
-    from monai_wsss.data.slice_dataset import _preset
     from monai_wsss.transforms.weak_label import WeakSliceLabel
 
-    preset = _preset(task)
+    preset = get_task(task)
     rule = WeakSliceLabel(min_pixels=preset.positive_min_pixels, min_fraction=preset.positive_min_fraction)
     slices = torch.as_tensor(seg).as_subclass(torch.Tensor)[0].movedim(preset.slice_axis, 0)
     total = int(slices[0].numel())
@@ -347,7 +347,7 @@ def mask_slice_labels(seg: torch.Tensor, task="brats") -> torch.Tensor:
     return torch.tensor([UNLABELLED if ambiguous else lab for lab, ambiguous in labels], dtype=torch.int64)
 
 
-def labels_from_masks(items: Sequence[Mapping], task="brats", progress: bool = False) -> SliceLabels:
+def labels_from_masks(items: Sequence[Mapping], task: str | TaskPreset = "brats", progress: bool = False) -> SliceLabels:
     """
     The slice labels of pixel masks by the task's documented rule, as a labels file would hold them.
 
@@ -377,11 +377,10 @@ def labels_from_masks(items: Sequence[Mapping], task="brats", progress: bool = F
     """
     from monai.transforms import Compose
 
-    from monai_wsss.data.slice_dataset import _preset
     from monai_wsss.transforms.io import LoadVolumed
     from monai_wsss.transforms.weak_label import MapTargetLabelsd
 
-    preset = _preset(task)
+    preset = get_task(task)
     load = Compose(
         [
             LoadVolumed("seg", channel=preset.image_channel),
@@ -400,7 +399,4 @@ def labels_from_masks(items: Sequence[Mapping], task="brats", progress: bool = F
         rows += [(str(case), index, label, 0) for index, label in enumerate(values) if label != UNLABELLED]
         if progress:
             print(f"{case}: {values.count(1)} slices 1, {values.count(0)} slices 0, {values.count(UNLABELLED)} unlabelled")
-    rule_text = f"{100 * preset.positive_min_fraction:g} % of the slice" if preset.positive_min_fraction else ""
-    if preset.positive_min_pixels:
-        rule_text += f"{' and ' if rule_text else ''}{preset.positive_min_pixels} pixels"
-    return SliceLabels(rows, source=f"the masks ({preset.name} rule: >= {rule_text}: 1, none: 0, in between: unlabelled)")
+    return SliceLabels(rows, source=f"the masks ({preset.weak_label_rule()})")

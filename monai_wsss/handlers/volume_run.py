@@ -23,12 +23,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from monai.transforms import LoadImage
+from monai.transforms import AsDiscrete, LoadImage
 from monai.utils import convert_to_tensor, min_version, optional_import
 
 from monai_wsss.apps.reports import VolumeEvaluation, save_overlay, write_csv, write_summary_markdown
 from monai_wsss.apps.run_folder import RunFolder
-from monai_wsss.transforms import OtsuThreshold, otsu_thresholds, write_text_atomic
+from monai_wsss.transforms import OtsuThreshold, keep_largest_component, otsu_thresholds
+from monai_wsss.utils import write_text_atomic
 
 Events, _ = optional_import("ignite.engine", "0.4.11", min_version, "Events")
 if TYPE_CHECKING:
@@ -258,10 +259,14 @@ class DatasetThresholdHandler:
     def epoch_completed(self, engine: Engine | None = None) -> str | float:
         """Threshold every map of the run; returns the threshold (the average Otsu value, ``"otsu"`` or the float)."""
         threshold = self._average_otsu() if self.threshold == "average_otsu" else self.threshold
-        thresholder = OtsuThreshold(
-            threshold=None if threshold == "otsu" else threshold, slice_axis=self.slice_axis,
-            largest_component=self.largest_component,
-        )
+        otsu = OtsuThreshold(slice_axis=self.slice_axis, largest_component=self.largest_component)
+
+        def thresholder(values: torch.Tensor, body_mask: torch.Tensor) -> torch.Tensor:
+            if threshold == "otsu":
+                return otsu(values, body_mask=body_mask)
+            mask = convert_to_tensor(AsDiscrete(threshold=float(threshold))(values)) * (convert_to_tensor(body_mask) != 0)
+            return keep_largest_component(mask, self.slice_axis) if self.largest_component else mask
+
         for item in self.folder.items:
             data = self._item(item)
             data[self.mask_key] = thresholder(data[self.map_key], body_mask=data[self.image_key])

@@ -5,7 +5,7 @@ from monai_wsss.inferers.ensemble import NoiseEnsembleInferer
 from monai_wsss.inferers.guided_anomaly import GuidedDiffusionAnomalyInferer
 from monai_wsss.inferers.segmenter import SegmentationProbabilityInferer, SliceProbabilityInferer
 from monai_wsss.inferers.threshold import IntensityThresholdInferer
-from monai_wsss.inferers.volume import VolumeInferer, reuse_freed_memory
+from monai_wsss.inferers.volume import VolumeInferer
 
 __all__ = [
     "CAM_METHODS",
@@ -20,5 +20,4 @@ __all__ = [
     "TimestepClassifierWrapper",
     "VolumeInferer",
     "default_cam_target_layer",
-    "reuse_freed_memory",
 ]

@@ -7,9 +7,11 @@ from collections.abc import Sequence
 
 import torch
 from monai.inferers import Inferer
+from monai.transforms import AsDiscrete
 from monai.utils import convert_to_tensor
 
 from monai_wsss.inferers.diffusion_map import DiffusionMapInferer
+from monai_wsss.transforms.model_space import MODEL_INTENSITY_RANGE
 
 __all__ = ["IntensityThresholdInferer", "masked_percentile"]
 
@@ -62,9 +64,8 @@ class IntensityThresholdInferer(Inferer):
       per slice for (B, 1, H, W) input and per volume for (B, 1, H, W, D) input. Items without body
       pixels (or whose percentile is 0) get an all-zero map.
 
-    Masks and the shared post-processing: :meth:`fixed_threshold_mask` is ``map > threshold`` inside the body
-    (strict, like ``monai_wsss.transforms.OtsuThreshold``), i.e. the same mask as
-    ``OtsuThreshold(threshold=threshold)`` applied to each map item with the body as ``body_mask``. Do not pass the
+    Masks and the shared post-processing: :meth:`fixed_threshold_mask` is MONAI's ``AsDiscrete(threshold=threshold)``
+    (``map >= threshold``) inside the body. Do not pass the
     map through ``NormalizeMap`` before a fixed threshold: it rescales each slice by its maximum and changes what
     the threshold means. For the protocol shared with the other methods (``NormalizeMap("signed")`` then Otsu)
     the map is treated like any other non-negative map.
@@ -98,7 +99,7 @@ class IntensityThresholdInferer(Inferer):
         self,
         percentile: float | None = 99.0,
         threshold: float = 0.7,
-        intensity_range: Sequence[float] = (-1.0, 1.0),
+        intensity_range: Sequence[float] = MODEL_INTENSITY_RANGE,
         body_threshold: float = 0.0,
         whole_volume: bool = False,
     ) -> None:
@@ -147,7 +148,7 @@ class IntensityThresholdInferer(Inferer):
 
     def fixed_threshold_mask(self, inputs: torch.Tensor) -> torch.Tensor:
         """
-        The fixed-threshold baseline: ``map > threshold`` inside the body.
+        The fixed-threshold baseline: MONAI's ``AsDiscrete(threshold=threshold)`` of the map, inside the body.
 
         Args:
             inputs: images in model space (B, C, H, W) or (B, C, H, W, D).
@@ -156,4 +157,5 @@ class IntensityThresholdInferer(Inferer):
             a 0/1 mask with the shape, device and dtype of ``inputs``.
         """
         heat, body = self._map_and_body(inputs)
-        return ((heat > self.threshold) & body).to(inputs.dtype)
+        mask = convert_to_tensor(AsDiscrete(threshold=self.threshold)(heat), track_meta=False)
+        return (mask * body).to(inputs.dtype)

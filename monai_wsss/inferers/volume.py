@@ -4,9 +4,6 @@
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -14,52 +11,13 @@ import numpy as np
 import torch
 
 from monai.inferers import Inferer
-from monai.transforms import Resize
 from monai.utils import convert_to_dst_type, convert_to_tensor, optional_import
+
+from monai_wsss.transforms.model_space import IMAGE_INTERPOLATION, resize_slices, slices_to_model_space
 
 tqdm, has_tqdm = optional_import("tqdm", name="tqdm")
 
-__all__ = ["VolumeInferer", "reuse_freed_memory"]
-
-# glibc mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-_memory_reuse_set = False
-
-
-def reuse_freed_memory(max_bytes: int = 1 << 30) -> bool:
-    """
-    Let this process reuse freed buffers of up to ``max_bytes`` instead of returning them to the OS (glibc only).
-
-    Why: by default glibc serves every buffer above its mmap threshold (at most 32 MB) with a fresh ``mmap`` and
-    unmaps it on free, so each network call on a batch of slices page-faults its activations in again: at 32
-    slices per CDM call (64 network inputs of 64 x 64) that kernel time was as large as the compute itself
-    (56 vs 30 ms per slice on one core), which is why CPU cost per slice grew with the batch size. Raising
-    the mmap and trim thresholds (``mallopt``) keeps freed memory in the heap for the next call. The process keeps
-    its peak memory until it exits; that is the price. Process-wide; a no-op (False) where glibc is missing
-    (macOS, Windows, musl).
-
-    Args:
-        max_bytes: largest allocation served from the heap (and the free heap kept before trimming).
-
-    Returns:
-        True if the thresholds were set.
-
-    Example::
-
-        reuse_freed_memory()   # once, before a long inference or training loop on the CPU
-    """
-    global _memory_reuse_set
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    ok = bool(mallopt(_M_MMAP_THRESHOLD, int(max_bytes))) and bool(mallopt(_M_TRIM_THRESHOLD, int(max_bytes)))
-    _memory_reuse_set = _memory_reuse_set or ok
-    return ok
-
+__all__ = ["VolumeInferer"]
 
 class VolumeInferer(Inferer):
     """
@@ -95,8 +53,10 @@ class VolumeInferer(Inferer):
         anti_aliasing: Gaussian anti-aliasing of ``Resize`` when shrinking (both directions, as ``Invertd``).
         sw_device: device for the inner calls (default: the input's device); maps come back to the input's.
         progress: show a tqdm progress bar over the batches of slices.
-        reuse_memory: on the first call on a CPU, call :py:func:`reuse_freed_memory` (process-wide), so that
-            batches of slices stop page-faulting their activations in on every network call.
+
+    On a CPU, an application running many batches should call :py:func:`monai_wsss.utils.reuse_freed_memory`
+    once first (process-wide, so the inferer leaves that choice to its caller): batches of slices then stop
+    page-faulting their activations in on every network call.
 
     Returns:
         ``__call__`` returns the map ``(B, C_out, H, W, D)`` with the input's device and dtype (a MetaTensor
@@ -121,11 +81,10 @@ class VolumeInferer(Inferer):
         sw_batch_size: int = 8,
         skip_empty: bool = True,
         rescale: bool = True,
-        mode: str = "bilinear",
-        anti_aliasing: bool = True,
+        mode: str = IMAGE_INTERPOLATION["mode"],
+        anti_aliasing: bool = IMAGE_INTERPOLATION["anti_aliasing"],
         sw_device: torch.device | str | None = None,
         progress: bool = False,
-        reuse_memory: bool = True,
     ) -> None:
         super().__init__()
         if inferer is not None and not callable(inferer):
@@ -147,26 +106,16 @@ class VolumeInferer(Inferer):
         self.anti_aliasing = anti_aliasing
         self.sw_device = sw_device
         self.progress = progress
-        self.reuse_memory = reuse_memory
 
     def _resize(self, x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-        """Resize a batch ``(N, C, h, w)`` with MONAI ``Resize`` (the batch and channels are its channels)."""
-        if tuple(x.shape[2:]) == tuple(size):
-            return x
-        n, c = x.shape[:2]
-        compute_dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
-        resize = Resize(spatial_size=tuple(size), mode=self.mode, anti_aliasing=self.anti_aliasing, dtype=compute_dtype)
-        out = resize(x.reshape(n * c, *x.shape[2:]))
-        # Resize computes in its own dtype; keep the caller's (e.g. float64 or half networks)
-        return convert_to_tensor(out, track_meta=False).to(x.dtype).reshape(n, c, *size)
+        return resize_slices(x, size, mode=self.mode, anti_aliasing=self.anti_aliasing)
 
     def to_model_space(self, x: torch.Tensor) -> torch.Tensor:
         """
-        Slices ``(N, C, h, w)`` in ``[0, 1]`` as the network sees them: resized to ``roi_size`` and, with
-        ``rescale``, mapped to ``[-1, 1]`` (the steps of ``monai_wsss.transforms.model_space_transform``).
+        Slices ``(N, C, h, w)`` in ``[0, 1]`` as the network sees them:
+        :py:func:`~monai_wsss.transforms.model_space.slices_to_model_space` with this inferer's size and resizing.
         """
-        x = self._resize(x, self.roi_size)
-        return x * 2.0 - 1.0 if self.rescale else x
+        return slices_to_model_space(x, self.roi_size, self.rescale, mode=self.mode, anti_aliasing=self.anti_aliasing)
 
     def _call_inner(self, x: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any) -> torch.Tensor:
         out = self.inferer(x, network, *args, **kwargs) if self.inferer is not None else network(x, *args, **kwargs)
@@ -199,9 +148,6 @@ class VolumeInferer(Inferer):
             x = x.float()
         if torch.isnan(x).any():
             raise ValueError("`inputs` contains NaN values.")
-        device = torch.device(self.sw_device) if self.sw_device is not None else x.device
-        if self.reuse_memory and not _memory_reuse_set and device.type == "cpu":
-            reuse_freed_memory()
         batch, axis = x.shape[0], self.slice_axis
         slices = x.movedim(axis + 2, 1)  # (B, n, C, a, b)
         n_slices, slice_size = slices.shape[1], tuple(slices.shape[3:])

@@ -3,13 +3,14 @@
 """Evaluation metrics: a thin layer over MONAI's (per positive slice / per volume Dice, IoU, HD95; AUROC, AUPRC)."""
 
 from .auc import PixelAUCMetric, SliceAUCMetric, compute_auroc_auprc
-from .segmentation import SEGMENTATION_LEVELS, SegmentationScores, check_binary, slices_along
+from .segmentation import SEGMENTATION_LEVELS, SegmentationScores, binary_dice, check_binary, slices_along
 
 __all__ = [
     "SegmentationScores",
     "SEGMENTATION_LEVELS",
     "PixelAUCMetric",
     "SliceAUCMetric",
+    "binary_dice",
     "compute_auroc_auprc",
     "check_binary",
     "slices_along",

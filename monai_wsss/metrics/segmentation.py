@@ -15,9 +15,10 @@ from monai.metrics import CumulativeIterationMetric
 from monai.metrics.hausdorff_distance import compute_hausdorff_distance
 from monai.metrics.meandice import compute_dice
 from monai.metrics.meaniou import compute_iou
+from monai.config.type_definitions import NdarrayOrTensor
 from monai.utils import convert_to_tensor
 
-__all__ = ["SegmentationScores", "SEGMENTATION_LEVELS", "check_binary", "slices_along"]
+__all__ = ["SegmentationScores", "SEGMENTATION_LEVELS", "binary_dice", "check_binary", "slices_along"]
 
 SEGMENTATION_LEVELS = ("slice", "volume")
 
@@ -38,6 +39,41 @@ def check_binary(t: torch.Tensor, name: str) -> None:
             f"`{name}` must be binary (0/1); found value(s) such as {bad.flatten()[:3].tolist()}. "
             "Threshold continuous maps first (e.g. OtsuThreshold)."
         )
+
+
+def binary_dice(pred: NdarrayOrTensor, truth: NdarrayOrTensor, ignore_empty: bool = True) -> float:
+    """
+    Dice of two binary masks of one shape (a slice, a volume), as one item of MONAI's ``compute_dice``, the
+    computation behind ``DiceMetric`` and :py:class:`SegmentationScores`.
+
+    Args:
+        pred: predicted mask (bool or 0/1), NumPy or torch, any shape.
+        truth: ground-truth mask of the same shape.
+        ignore_empty: MONAI's convention: True gives NaN where ``truth`` is empty (Dice undefined), False gives
+            1 there for an empty ``pred`` and 0 otherwise.
+
+    Returns:
+        the Dice coefficient (NaN where undefined).
+
+    Raises:
+        ValueError: different shapes, or values other than 0/1.
+
+    Example::
+
+        >>> import numpy as np
+        >>> binary_dice(np.array([1, 1, 0, 0]), np.array([1, 0, 0, 0]))
+        0.6666666865348816
+    """
+    p = convert_to_tensor(pred, track_meta=False)
+    t = convert_to_tensor(truth, track_meta=False)
+    if p.shape != t.shape:
+        raise ValueError(f"`pred` and `truth` must have the same shape, got {tuple(p.shape)} and {tuple(t.shape)}.")
+    check_binary(p, "pred")
+    check_binary(t, "truth")
+    # the whole mask as one item with one channel: compute_dice reduces over everything after (B, C)
+    one = compute_dice(p.reshape(1, 1, -1).float(), t.reshape(1, 1, -1).float(), include_background=True,
+                       ignore_empty=ignore_empty)
+    return float(one.reshape(()))
 
 
 def _normalize_axis(slice_axis: int) -> int:

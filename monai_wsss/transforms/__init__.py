@@ -5,15 +5,15 @@ from monai_wsss.transforms.intensity import (
     ScaleIntensityNonzeroPercentiles,
     ScaleIntensityNonzeroPercentilesd,
 )
-from monai_wsss.transforms.io import (
-    TEMP_PREFIX,
-    LoadVolumed,
-    SaveVolumed,
-    atomic_write,
-    remove_stale_temporaries,
-    write_text_atomic,
+from monai_wsss.transforms.io import LoadVolumed, SaveVolumed
+from monai_wsss.transforms.model_space import (
+    IMAGE_INTERPOLATION,
+    MODEL_INTENSITY_RANGE,
+    invert_model_space,
+    model_space_transform,
+    resize_slices,
+    slices_to_model_space,
 )
-from monai_wsss.transforms.model_space import invert_model_space, model_space_transform
 from monai_wsss.transforms.slicing import SliceVolumed, slice_foreground_fraction
 from monai_wsss.transforms.validation import ValidateVolumed
 from monai_wsss.transforms.weak_label import MapTargetLabels, MapTargetLabelsd, WeakSliceLabel, WeakSliceLabeld
@@ -30,6 +30,7 @@ from monai_wsss.transforms.postprocess import (
     OtsuThreshold,
     OtsuThresholdd,
     dataset_otsu_threshold,
+    keep_largest_component,
     map_writer,
     otsu_thresholds,
 )
@@ -38,10 +39,6 @@ __all__ = [
     # preprocessing
     "LoadVolumed",
     "SaveVolumed",
-    "TEMP_PREFIX",
-    "atomic_write",
-    "remove_stale_temporaries",
-    "write_text_atomic",
     "MapTargetLabels",
     "MapTargetLabelsd",
     "ScaleIntensityNonzeroPercentiles",
@@ -50,8 +47,12 @@ __all__ = [
     "ValidateVolumed",
     "WeakSliceLabel",
     "WeakSliceLabeld",
+    "IMAGE_INTERPOLATION",
+    "MODEL_INTENSITY_RANGE",
     "invert_model_space",
     "model_space_transform",
+    "resize_slices",
+    "slices_to_model_space",
     "slice_foreground_fraction",
     # map post-processing
     "CopyMetaFromd",
@@ -64,6 +65,7 @@ __all__ = [
     "OtsuThreshold",
     "OtsuThresholdd",
     "dataset_otsu_threshold",
+    "keep_largest_component",
     "map_writer",
     "otsu_thresholds",
 ]

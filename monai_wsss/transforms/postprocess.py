@@ -9,8 +9,8 @@ guided-diffusion reconstructions). The evaluation protocol of the CDM paper turn
 1. normalising it to ``[0, 1]`` (:py:class:`NormalizeMap`: positive part for signed maps where the
    target is brighter, absolute value, or min-max), optionally inside a body / brain mask;
 2. thresholding it with Otsu's method per slice, or with one dataset-level threshold, the mean of the
-   per-slice Otsu thresholds over a set of maps (the paper's "average Otsu";
-   :py:func:`dataset_otsu_threshold` then :py:class:`OtsuThreshold` with ``threshold=``);
+   per-slice Otsu thresholds over a set of maps (the paper's "average Otsu": :py:func:`dataset_otsu_threshold`,
+   then MONAI's ``AsDiscrete(threshold=...)``, which applies any fixed threshold);
 3. optionally keeping the largest connected component (MONAI's ``KeepLargestConnectedComponent``).
 
 All transforms take channel-first items as MONAI transforms do: a 2D map ``(C, H, W)`` is one slice per
@@ -51,6 +51,7 @@ __all__ = [
     "NormalizeMapd",
     "OtsuThreshold",
     "OtsuThresholdd",
+    "keep_largest_component",
     "otsu_thresholds",
     "dataset_otsu_threshold",
     "CopyMetaFromd",
@@ -353,7 +354,7 @@ def dataset_otsu_threshold(
     Dataset-level ("average") Otsu threshold: the mean of the per-unit Otsu thresholds over a set of maps.
 
     Compute it once on (normalised) maps of a calibration / validation set, then apply it as a fixed
-    threshold with ``OtsuThreshold(threshold=value)``. Units without contrast do not contribute.
+    threshold with MONAI's ``AsDiscrete(threshold=value)``. Units without contrast do not contribute.
 
     Args:
         maps: iterable of channel-first maps ``(C, H, W)`` / ``(C, H, W, D)``; a batch tensor ``(B, C, H, W)``
@@ -372,7 +373,7 @@ def dataset_otsu_threshold(
 
         norm = NormalizeMap("signed")
         thr = dataset_otsu_threshold([norm(m, body_mask=b) for m, b in val_pairs], [b for _, b in val_pairs])
-        binarise = OtsuThreshold(threshold=thr)
+        binarise = AsDiscrete(threshold=thr)  # monai.transforms
     """
     maps = list(maps)
     if len(maps) == 0:
@@ -388,20 +389,59 @@ def dataset_otsu_threshold(
     return float(values.mean())
 
 
-class OtsuThreshold(Transform):
-    """
-    Binarise a continuous map: ``mask = map > threshold`` inside the body, per unit (channel and slice).
+def _largest_per_unit(mask: torch.Tensor, connectivity: int | None) -> torch.Tensor:
+    """The largest connected component of each unit of a boolean ``(N, *unit_spatial)`` stack."""
+    if not mask.any():
+        return mask
+    # each unit is one channel of a one-hot stack, so MONAI keeps the largest component per unit
+    klcc = KeepLargestConnectedComponent(applied_labels=list(range(mask.shape[0])), is_onehot=True, connectivity=connectivity)
+    return convert_to_tensor(klcc(mask.to(torch.uint8)), track_meta=False) > 0
 
-    With ``threshold=None`` each unit gets its own Otsu threshold (``skimage.filters.threshold_otsu`` of
-    the unit's pixels inside the body). With a float (e.g. from :py:func:`dataset_otsu_threshold`) the
-    same fixed threshold is applied to every unit. Units without contrast inside the body (constant or
-    all-zero maps, slices without body) always give an empty mask. Optionally only the largest connected
-    component of each unit is kept (MONAI ``KeepLargestConnectedComponent``, in 2D per slice when
-    slicing, else in the map's dimensionality); compose ``KeepLargestConnectedComponentd`` afterwards for
-    a 3D component of a slice-wise mask.
+
+def keep_largest_component(
+    mask: NdarrayOrTensor, slice_axis: int | None = -1, connectivity: int | None = None
+) -> NdarrayOrTensor:
+    """
+    Keep the largest connected component of each channel of a binary mask, per slice along ``slice_axis`` (the
+    paper's 2D protocol) or per channel of a whole volume (``slice_axis=None``), with MONAI's
+    ``KeepLargestConnectedComponent``; what :py:class:`OtsuThreshold` does with ``largest_component``, for masks
+    from a fixed threshold (``AsDiscrete``).
 
     Args:
-        threshold: ``None`` for per-unit Otsu, or a fixed float threshold.
+        mask: channel-first binary mask ``(C, H, W)`` or ``(C, H, W, D)``.
+        slice_axis: as in :py:class:`OtsuThreshold`.
+        connectivity: connectivity of the components.
+
+    Returns:
+        the mask with the map's shape and type.
+
+    Raises:
+        ValueError: a mask that is not 2D/3D channel-first or not binary, or a bad ``slice_axis``.
+
+    Example::
+
+        mask = keep_largest_component(AsDiscrete(threshold=0.3)(prob_map), slice_axis=-1)
+    """
+    _check_item(mask, "mask")
+    t = _as_float_tensor(mask, "mask")
+    if not bool(((t == 0) | (t == 1)).all()):
+        raise ValueError("`mask` must be binary (0/1): threshold the map first (OtsuThreshold or AsDiscrete).")
+    units, restore = _to_units(t, _normalize_slice_axis(slice_axis))
+    out = restore(_largest_per_unit(units > 0, connectivity).to(t.dtype))
+    return convert_to_dst_type(out, mask, dtype=t.dtype)[0]
+
+
+class OtsuThreshold(Transform):
+    """
+    Binarise a continuous map with Otsu's method: ``mask = map > t`` inside the body, with ``t`` the Otsu threshold
+    (``skimage.filters.threshold_otsu``) of each unit's (channel and slice) pixels inside the body.
+
+    Units without contrast inside the body (constant or all-zero maps, slices without body) give an empty mask.
+    Optionally only the largest connected component of each unit is kept (:py:func:`keep_largest_component`).
+    A fixed threshold (e.g. from :py:func:`dataset_otsu_threshold`) is not Otsu's: MONAI's
+    ``AsDiscrete(threshold=...)`` applies it.
+
+    Args:
         slice_axis: spatial axis (0, 1, 2 or negative) along which a 3D map is thresholded slice by slice;
             ``None`` thresholds each channel of a 3D map as a whole. Ignored for 2D maps.
         largest_component: keep only the largest connected component of each unit.
@@ -412,8 +452,8 @@ class OtsuThreshold(Transform):
         a binary (0/1) float mask with the map's shape and type (MetaTensor metadata kept).
 
     Raises:
-        ValueError: for a bad ``threshold`` / ``slice_axis`` / ``nbins``, a map that is not 2D/3D
-            channel-first, NaN values, or a mismatched ``body_mask``.
+        ValueError: for a bad ``slice_axis`` / ``nbins``, a map that is not 2D/3D channel-first, NaN values, or a
+            mismatched ``body_mask``.
 
     Example::
 
@@ -425,17 +465,13 @@ class OtsuThreshold(Transform):
 
     def __init__(
         self,
-        threshold: float | None = None,
         slice_axis: int | None = -1,
         largest_component: bool = False,
         connectivity: int | None = None,
         nbins: int = 256,
     ) -> None:
-        if threshold is not None and (isinstance(threshold, bool) or not np.isfinite(float(threshold))):
-            raise ValueError(f"`threshold` must be None or a finite number, got {threshold!r}.")
-        if not isinstance(nbins, (int, np.integer)) or nbins < 2:
+        if not isinstance(nbins, (int, np.integer)) or isinstance(nbins, bool) or nbins < 2:
             raise ValueError(f"`nbins` must be an integer >= 2, got {nbins!r}.")
-        self.threshold = None if threshold is None else float(threshold)
         self.slice_axis = _normalize_slice_axis(slice_axis)
         self.largest_component = largest_component
         self.connectivity = connectivity
@@ -451,9 +487,7 @@ class OtsuThreshold(Transform):
 
     def _unit_thresholds(self, units: torch.Tensor, body: torch.Tensor) -> np.ndarray:
         contrast = _unit_has_contrast(units, body).cpu().numpy()
-        if self.threshold is None:
-            return _otsu_per_unit(units.cpu().numpy(), body.cpu().numpy(), contrast, self.nbins)
-        return np.where(contrast, self.threshold, np.nan)
+        return _otsu_per_unit(units.cpu().numpy(), body.cpu().numpy(), contrast, self.nbins)
 
     def __call__(self, img: NdarrayOrTensor, body_mask: NdarrayOrTensor | None = None) -> NdarrayOrTensor:
         """
@@ -469,12 +503,8 @@ class OtsuThreshold(Transform):
         thr = thr.reshape(-1, *([1] * (units.ndim - 1)))
         # nan thresholds compare False everywhere: units without contrast give empty masks
         mask = (units > thr) & body
-        if self.largest_component and mask.any():
-            # each unit is one channel of a one-hot stack, so MONAI keeps the largest component per unit
-            klcc = KeepLargestConnectedComponent(
-                applied_labels=list(range(mask.shape[0])), is_onehot=True, connectivity=self.connectivity
-            )
-            mask = convert_to_tensor(klcc(mask.to(torch.uint8)), track_meta=False) > 0
+        if self.largest_component:
+            mask = _largest_per_unit(mask, self.connectivity)
         out = restore(mask.to(t.dtype))
         return convert_to_dst_type(out, img, dtype=t.dtype)[0]
 
@@ -534,7 +564,6 @@ class OtsuThresholdd(MapTransform):
 
     Args:
         keys: keys of the maps to binarise.
-        threshold: ``None`` for per-unit Otsu, or a fixed float (e.g. from :py:func:`dataset_otsu_threshold`).
         slice_axis: see :py:class:`OtsuThreshold`.
         largest_component: keep only the largest connected component of each unit.
         connectivity: connectivity for the connected components.
@@ -558,7 +587,6 @@ class OtsuThresholdd(MapTransform):
     def __init__(
         self,
         keys: KeysCollection,
-        threshold: float | None = None,
         slice_axis: int | None = -1,
         largest_component: bool = False,
         connectivity: int | None = None,
@@ -569,7 +597,6 @@ class OtsuThresholdd(MapTransform):
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.thresholder = OtsuThreshold(
-            threshold=threshold,
             slice_axis=slice_axis,
             largest_component=largest_component,
             connectivity=connectivity,

@@ -11,39 +11,41 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform
 from monai.utils import convert_to_tensor
 
-from monai_wsss.inferers.segmenter import SliceProbabilityInferer
-from monai_wsss.inferers.volume import VolumeInferer
+from monai_wsss.transforms.model_space import slices_to_model_space
 
 __all__ = ["SliceGated"]
 
 
 class SliceGated(MapTransform):
     """
-    Empty the mask of every slice whose probability of holding the target, by ``classifier`` on the clean slice
-    (timestep 0, in the classifier's own model space), is below ``threshold``; slices without body get 0.
+    Empty the mask of every slice whose probability of holding the target, by a classifier on the clean slice
+    (in the classifier's own model space), is below ``threshold``; slices without body get 0.
 
     Args:
         keys: keys of the masks ``(1, H, W, D)`` to gate (in place).
-        classifier: ``classifier(x, timesteps) -> logits``, e.g. :py:class:`~monai_wsss.networks.nets.NoisyClassifier`.
+        slice_probability: ``(N, 1, h, w)`` model-space slices -> ``(N,)`` target probabilities, e.g.
+            :py:class:`~monai_wsss.inferers.SliceProbabilityInferer` (the noisy classifier at timestep 0).
         threshold: smallest probability a slice needs to keep its mask, in ``[0, 1]``.
         slice_axis: spatial axis of the slices.
-        roi_size: the classifier's input size (default: its ``input_shape``).
+        roi_size: the classifier's input size (default: ``slice_probability.classifier.input_shape``).
         image_key: key of the normalised image (``[0, 1]``, 0 outside the body).
         probability_key: also store the per-slice probabilities ``(n_slices,)`` under this key (``None``: no).
         allow_missing_keys: don't raise an exception if a key is missing.
 
     Raises:
-        ValueError: ``threshold`` outside ``[0, 1]``, no classifier, or no ``roi_size`` and no ``input_shape``.
+        ValueError: ``threshold`` outside ``[0, 1]``, ``slice_probability`` not callable, or no ``roi_size`` and no
+            ``input_shape``.
 
     Example::
 
-        SliceGated("mask", classifier, threshold=0.5, slice_axis=2)({"image": image, "mask": mask})
+        gate = SliceGated("mask", SliceProbabilityInferer(classifier), threshold=0.5, slice_axis=2)
+        gate({"image": image, "mask": mask})
     """
 
     def __init__(
         self,
         keys: KeysCollection,
-        classifier: Callable[..., torch.Tensor],
+        slice_probability: Callable[[torch.Tensor], torch.Tensor],
         threshold: float = 0.5,
         slice_axis: int = 2,
         roi_size: Sequence[int] | None = None,
@@ -54,26 +56,31 @@ class SliceGated(MapTransform):
         super().__init__(keys, allow_missing_keys)
         if not 0.0 <= float(threshold) <= 1.0:
             raise ValueError(f"`threshold` of the slice gate must be a probability in [0, 1], got {threshold!r}.")
+        if not callable(slice_probability):
+            raise ValueError(f"`slice_probability` must be callable, got {type(slice_probability).__name__}.")
+        classifier = getattr(slice_probability, "classifier", None)
         roi = roi_size if roi_size is not None else getattr(classifier, "input_shape", None)
         if roi is None:
             raise ValueError("SliceGated needs `roi_size` (the classifier's input size) or a classifier with `input_shape`.")
-        self.gate = SliceProbabilityInferer(classifier)
+        self.slice_probability = slice_probability
+        self.classifier = classifier  # recorded by a run's manifest (its weights' checksum)
         self.threshold = float(threshold)
         self.slice_axis = int(slice_axis) % 3
-        self.model_space = VolumeInferer(roi_size=tuple(roi), slice_axis=self.slice_axis)
+        self.roi_size = tuple(int(r) for r in roi)
         self.image_key = image_key
         self.probability_key = probability_key
 
     def probabilities(self, image: torch.Tensor) -> torch.Tensor:
         """Per-slice target probability ``(n_slices,)`` of a normalised volume ``(1, H, W, D)`` (0 without body)."""
         slices = convert_to_tensor(image, track_meta=False)[0].movedim(self.slice_axis, 0).float()
-        device = next((p.device for p in getattr(self.gate.classifier, "parameters", lambda: iter(()))()), torch.device("cpu"))
+        device = next((p.device for p in getattr(self.classifier, "parameters", lambda: iter(()))()), torch.device("cpu"))
         prob = torch.zeros(slices.shape[0])
         todo = torch.nonzero(slices.flatten(1).ne(0).any(1)).flatten()
         for start in range(0, int(todo.numel()), 64):
             chunk = todo[start : start + 64]
-            x = self.model_space.to_model_space(slices[chunk][:, None].to(device))
-            prob[chunk] = self.gate.probabilities(x).cpu()
+            x = slices_to_model_space(slices[chunk][:, None].to(device), self.roi_size)
+            probability = getattr(self.slice_probability, "probabilities", self.slice_probability)
+            prob[chunk] = probability(x).float().cpu()
         return prob
 
     def keep(self, image: torch.Tensor) -> torch.Tensor:

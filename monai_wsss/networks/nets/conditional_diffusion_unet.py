@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 from monai.networks.nets.diffusion_model_unet import DiffusionModelUNet, DiffusionUNetResnetBlock
@@ -112,7 +113,9 @@ class ConditionalDiffusionUNet(DiffusionModelUNet):
             ``num_head_channels``, ...).
 
     Raises:
-        ValueError: ``num_classes < 1``, an unknown ``conditioning``, ``num_class_embeds`` passed in kwargs, or
+        ValueError: ``null_class`` not a bool or ``num_classes`` not an int (text such as ``"true"`` included: configs
+            read command-line options with :py:func:`monai_wsss.bundle.parse_option`), ``num_classes < 1``, an
+            unknown ``conditioning``, ``num_class_embeds`` passed in kwargs, or
             ``conditioning="add"`` with a level whose channel count equals ``norm_num_groups`` (the GroupNorm
             would erase the condition, see :func:`check_conditioning_survives_norm`).
 
@@ -137,12 +140,16 @@ class ConditionalDiffusionUNet(DiffusionModelUNet):
         norm_num_groups: int = 8,
         **kwargs,
     ) -> None:
-        # the bundle configs pass their top-level null_class as it was typed (--null_class true is the text 'true',
-        # which int() cannot read and bool() reads as True even for 'false'): read it with the package's parser
-        from monai_wsss.bundle.options import parse_option  # lazy: monai_wsss.bundle imports the networks' users
-
-        null_class = parse_option("null_class", null_class, "bool")
-        num_classes = parse_option("num_classes", num_classes, "int")
+        # strict types: a config that passes command-line text ('true') reads it first with
+        # monai_wsss.bundle.parse_option; the network does not guess what text means
+        if not isinstance(null_class, (bool, np.bool_)):
+            raise ValueError(
+                f"null_class must be a bool, got {null_class!r} ({type(null_class).__name__}); a bundle config reads a "
+                "typed option with $monai_wsss.bundle.parse_option('null_class', @null_class, 'bool')."
+            )
+        if isinstance(num_classes, (bool, np.bool_)) or not isinstance(num_classes, (int, np.integer)):
+            raise ValueError(f"num_classes must be an int, got {num_classes!r} ({type(num_classes).__name__}).")
+        null_class, num_classes = bool(null_class), int(num_classes)
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}.")
         if conditioning not in CONDITIONING_MODES:

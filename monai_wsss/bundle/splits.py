@@ -1,45 +1,28 @@
 # Copyright (c) monai_wsss contributors. Licensed under the Apache License, Version 2.0.
-"""Functions the bundle configs call: dataset splits, validation slice selection, checkpoint discovery, ranks."""
+"""Functions the bundle configs call to build their data: the labels file, the case-level splits, a fixed subset of
+validation slices."""
 
 from __future__ import annotations
 
-import atexit
-import gc
 import logging
 import os
-import re
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 from monai.data import Dataset
 
 from monai_wsss.data import (
-    DATASET_LAYOUTS,
     SliceLabels,
     TaskPreset,
+    get_task,
     load_datalist,
     require_slice_labels,
     split_cases,
     write_datalist,
 )
 
-__all__ = [
-    "load_slice_labels",
-    "prepare_splits",
-    "select_slices",
-    "latest_checkpoint",
-    "distributed_rank",
-    "init_distributed",
-    "release_distributed",
-    "verify_bundle_networks",
-    "BUNDLE_TASKS",
-]
-
-#: task name of a bundle -> function listing the cases of a dataset folder
-BUNDLE_TASKS = DATASET_LAYOUTS
+__all__ = ["load_slice_labels", "prepare_splits", "select_slices"]
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +74,8 @@ def prepare_splits(
 
     Args:
         dataset_dir: dataset folder or datalist JSON file.
-        task: ``"brats"`` or ``"chaos"`` (which folder layout to read), or a :py:class:`~monai_wsss.data.TaskPreset`
+        task: a task name in :py:data:`~monai_wsss.data.TASKS` (its folder layout is read), or a
+            :py:class:`~monai_wsss.data.TaskPreset`
             of one of them (its ``name`` is used).
         val_fraction: fraction of cases for validation.
         test_fraction: fraction of cases for testing.
@@ -122,9 +106,7 @@ def prepare_splits(
         >>> {k: len(v) for k, v in splits.items()}  # doctest: +SKIP
         {'training': 21, 'validation': 3, 'test': 6}
     """
-    task = task.name if isinstance(task, TaskPreset) else task
-    if task not in BUNDLE_TASKS:
-        raise ValueError(f"unknown task {task!r}, expected one of {sorted(BUNDLE_TASKS)}.")
+    preset = get_task(task)
     path = Path(dataset_dir)
     if not path.exists():
         raise FileNotFoundError(f"dataset_dir not found: {path} (pass --dataset_dir <folder or datalist.json>).")
@@ -135,15 +117,15 @@ def prepare_splits(
         for name in ("validation", "test"):
             splits.setdefault(name, [])
     else:
-        items = BUNDLE_TASKS[task](path, require_seg=False)
+        items = preset.list_cases(path, require_seg=False)
         splits = split_cases(items, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
     labels = load_slice_labels(labels)
     trained = [it for name in ("training", "validation") for it in splits[name]]
     if labels is None:
         require_slice_labels(trained, None, what="training/validation")
         logger.info(
-            f"slice labels: derived from the pixel masks of the {len(trained)} training/validation scans by the "
-            f"{task} rule (>= 0.2 % of the slice: 1, none: 0, in between: unlabelled); no --labels given."
+            f"slice labels: derived from the pixel masks of the {len(trained)} training/validation scans "
+            f"({preset.weak_label_rule()}); no --labels given."
         )
     else:
         labels.check_cases(
@@ -224,160 +206,3 @@ def select_slices(
         keep = np.sort(np.random.default_rng(seed).choice(len(items), size=max_slices, replace=False))
         items = [items[i] for i in keep]
     return Dataset(data=items)
-
-
-_STEP = re.compile(r"_(epoch|iteration)=(\d+)\.pt$")
-
-
-def latest_checkpoint(ckpt_dir: str | os.PathLike, prefix: str = "checkpoint", check: bool = True) -> str | None:
-    """
-    The newest interval checkpoint written by MONAI's ``CheckpointSaver`` (``<prefix>_epoch=N.pt`` or
-    ``<prefix>_iteration=N.pt``) in a folder, to resume a run from.
-
-    ignite's ``Checkpoint`` removes the oldest file *before* writing the new one, so the bundles keep two
-    (``n_saved=2``): a run killed while saving still leaves the previous complete checkpoint. An unreadable
-    file (truncated, or foreign) is skipped with ``check``, with a warning, and the previous checkpoint is returned.
-
-    Args:
-        ckpt_dir: folder of the checkpoints (may not exist yet).
-        prefix: file name prefix (``CheckpointSaver`` names interval checkpoints ``checkpoint_epoch=N.pt``).
-        check: load each candidate (``weights_only=True``) and skip unreadable ones.
-
-    Returns:
-        the path of the readable checkpoint with the highest step number, or ``None`` when there is none
-        (a fresh run).
-
-    Example::
-
-        >>> latest_checkpoint("/nonexistent") is None
-        True
-    """
-    folder = Path(ckpt_dir)
-    if not folder.is_dir():
-        return None
-    found = []
-    for path in folder.glob(f"{prefix}_*.pt"):
-        match = _STEP.search(path.name)
-        if match:
-            found.append((int(match.group(2)), path.stat().st_mtime, str(path)))
-    for _, _, path in sorted(found, reverse=True):
-        if not check:
-            return path
-        try:
-            torch.load(path, map_location="cpu", weights_only=True)
-            return path
-        except Exception as err:  # a truncated or foreign file: fall back to the previous checkpoint
-            warnings.warn(f"skipping unreadable checkpoint {path}: {err}", stacklevel=2)
-    return None
-
-
-def distributed_rank() -> int:
-    """This process's rank in the default process group, 0 when not distributed (per-rank seeds, rank-0 logging)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return int(torch.distributed.get_rank())
-    return 0
-
-
-_release_registered = False  # init_distributed registers the exit hook once per process
-
-
-def init_distributed(backend: str | None = None) -> int:
-    """Join the default process group that ``torchrun`` describes in the environment, and make its exit safe.
-
-    Initialises the group unless it already is, then registers :func:`release_distributed` with ``atexit`` (once)
-    so that the group and the ``DistributedDataParallel`` wrappers holding it are released while the interpreter
-    is still whole.
-
-    Args:
-        backend: ``"nccl"``, ``"gloo"`` ...; ``None`` picks ``"nccl"`` when CUDA is available, else ``"gloo"``.
-
-    Returns:
-        this process's rank.
-
-    Raises:
-        RuntimeError: when ``torch.distributed`` is not available in this PyTorch build.
-
-    Example::
-
-        # torchrun --nproc_per_node=2 ... ; in a bundle's "initialize": "$monai_wsss.bundle.init_distributed(@backend)"
-        rank = init_distributed()
-    """
-    if not torch.distributed.is_available():
-        raise RuntimeError("init_distributed: this PyTorch build has no torch.distributed")
-    if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(backend=backend or ("nccl" if torch.cuda.is_available() else "gloo"))
-    global _release_registered
-    if not _release_registered:
-        atexit.register(release_distributed)
-        _release_registered = True
-    return int(torch.distributed.get_rank())
-
-
-def release_distributed() -> None:
-    """Free what still holds the default process group, then destroy the group if it is still up.
-
-    Ignite engines and their handlers form reference cycles, so the ``DistributedDataParallel`` wrapper a bundle
-    trains is only freed by the garbage collector. Left to interpreter teardown, the gloo process group it holds
-    aborts the process ("terminate called without an active exception": 10 of 40 two-process runs with
-    torch 2.14, none of 40 with this collection first). Safe to call more than once.
-
-    Example::
-
-        # a bundle's "finalize": "$monai_wsss.bundle.release_distributed()"
-        release_distributed()
-    """
-    gc.collect()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-
-
-def verify_bundle_networks(bundle_dir: str | os.PathLike, device: str | torch.device = "cpu") -> None:
-    """
-    Run MONAI's ``verify_net_in_out`` on the three networks of a monai_wsss bundle: the default network
-    (``network_def`` of ``inference.json``, the segmenter) against ``network_data_format``, the diffusion network of
-    ``train_diffusion.json`` against ``diffusion_data_format`` (with the extra forward arguments ``timesteps`` and
-    ``class_labels``), and the noisy classifier of ``train_classifier.json`` against ``classifier_data_format``
-    (with ``timesteps``).
-
-    Args:
-        bundle_dir: the bundle folder (holding ``configs/``).
-        device: device of the check.
-
-    Raises:
-        FileNotFoundError: a config file is missing.
-        ValueError: a data format is missing from ``metadata.json``, or a network's output channels or dtype differ
-            from it (from ``verify_net_in_out``).
-
-    Example::
-
-        >>> verify_bundle_networks("bundles/brats_cdm")  # doctest: +SKIP
-    """
-    from monai.bundle import ConfigParser, verify_net_in_out
-
-    configs = Path(bundle_dir) / "configs"
-    meta_file = configs / "metadata.json"
-    for name in ("metadata.json", "inference.json", "train_diffusion.json", "train_classifier.json"):
-        if not (configs / name).is_file():
-            raise FileNotFoundError(f"bundle config not found: {configs / name}")
-    meta = ConfigParser.load_config_file(meta_file)
-    for key in ("network_data_format", "diffusion_data_format", "classifier_data_format"):
-        if key not in meta:
-            raise ValueError(f"{meta_file} has no {key!r}.")
-    one = torch.ones(1, dtype=torch.long, device=device)
-    verify_net_in_out(net_id="network_def", meta_file=str(meta_file), config_file=str(configs / "inference.json"), device=device)
-    verify_net_in_out(
-        net_id="network_def",
-        meta_file=str(meta_file),
-        config_file=str(configs / "train_diffusion.json"),
-        device=device,
-        extra_forward_args={"timesteps": one * 10, "class_labels": one},
-        **{"_meta_#network_data_format": meta["diffusion_data_format"]},
-    )
-    verify_net_in_out(
-        net_id="network_def",
-        meta_file=str(meta_file),
-        config_file=str(configs / "train_classifier.json"),
-        device=device,
-        extra_forward_args={"timesteps": one * 10},
-        **{"_meta_#network_data_format": meta["classifier_data_format"]},
-    )
