@@ -228,7 +228,7 @@ def load_weights(
 
     Example::
 
-        net = load_weights(ConditionalDiffusionUNet(...), "bundles/brats_cdm/models/model.pt", "cpu")
+        net = load_weights(ConditionalDiffusionUNet(...), "bundles/brats_cdm/models/diffusion.pt", "cpu")
     """
     file = Path(path)
     if not file.is_file():

@@ -38,7 +38,7 @@ METHODS = ("segmenter", "cdm", "cg_cdm", "cg_diff", "cfg", "threshold", "volume_
 CLASSIFIER_METHODS = ("cg_cdm", "cg_diff")
 #: methods that need the diffusion network
 NETWORK_METHODS = ("cdm", "cg_cdm", "cg_diff", "cfg")
-#: methods that need the second-stage segmentation network (``train_segmentation.json``)
+#: methods that need the second-stage segmentation network (``train.json``, the bundles' default network)
 SEGMENTER_METHODS = ("segmenter",)
 
 # the per-volume intensity baseline is defined by its fixed threshold on intensity / 99th body percentile, on every
@@ -265,7 +265,7 @@ def build_method_inferer(
     if method == "segmenter":
         if network is None:
             raise ValueError(
-                "method 'segmenter' needs the segmentation network (segmenter_path, trained with train_segmentation.json)."
+                "method 'segmenter' needs the segmentation network (model_path, trained with train.json)."
             )
         return SegmentationProbabilityInferer(activation="softmax", target_channel=1)
     if scheduler is None:

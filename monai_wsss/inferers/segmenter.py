@@ -17,7 +17,7 @@ __all__ = ["SegmentationProbabilityInferer", "SliceProbabilityInferer"]
 class SegmentationProbabilityInferer(Inferer):
     """
     The target probability map of a 2D segmentation network (e.g. MONAI ``UNet`` trained on diffusion
-    pseudo-masks with ``train_segmentation.json``): one forward pass, then softmax over the output channels
+    pseudo-masks with ``train.json``): one forward pass, then softmax over the output channels
     (``activation="softmax"``, the ``DiceCELoss(softmax=True, to_onehot_y=True)`` training) or a sigmoid
     (``"sigmoid"``), keeping the ``target_channel``. Runs under ``torch.inference_mode``.
 
@@ -66,7 +66,7 @@ class SegmentationProbabilityInferer(Inferer):
             kwargs: ignored (e.g. ``classifier=``, ``generator=`` passed by pipelines to every method).
         """
         if network is None:
-            raise ValueError("SegmentationProbabilityInferer needs the segmentation network (segmenter_path).")
+            raise ValueError("SegmentationProbabilityInferer needs the segmentation network (model_path, trained with train.json).")
         DiffusionMapInferer.check_inputs(inputs, None)  # type: ignore[arg-type]
         x = convert_to_tensor(inputs, track_meta=False)
         with torch.inference_mode():

@@ -46,7 +46,7 @@ class AutocastNetwork(nn.Module):
 
     Example::
 
-        fast = AutocastNetwork(load_weights(net_def, "models/model.pt", "cpu"))
+        fast = AutocastNetwork(load_weights(net_def, "models/diffusion.pt", "cpu"))
         eps = fast(x, timesteps, class_labels)   # float32 tensor
     """
 
