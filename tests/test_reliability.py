@@ -342,3 +342,19 @@ def test_reports_are_utf8_under_the_c_locale_itk_leaves_behind(tmp_path):
     assert (tmp_path / "summary.md").read_bytes().decode("utf-8") == "Dice 0.50 ± 0.10"
     assert "ü" in (tmp_path / "metrics.csv").read_bytes().decode("utf-8")
     assert "0.500 ± 0.100" in (tmp_path / "table" / "table.md").read_bytes().decode("utf-8")
+
+
+def test_component_filter_prints_no_deprecation_warning_of_a_dependency():
+    """Every segmenter run filters 3D components with MONAI's RemoveSmallObjects, which passes scikit-image's
+    deprecated `min_size`: importing the package silences that one message (in a fresh process, as a user runs)."""
+    code = (
+        "import warnings, torch\nwarnings.simplefilter('default')\nimport monai_wsss\n"
+        "from monai.transforms import RemoveSmallObjects\n"
+        "m = torch.zeros(1, 8, 8, 8); m[0, :2, :2, :2] = 1; m[0, 4:, 4:, 4:] = 1\n"
+        "print(int(RemoveSmallObjects(min_size=10, connectivity=3)(m).sum()))\n"
+        "warnings.warn('another FutureWarning', FutureWarning)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["64"]  # the 8-voxel object is gone, the 64-voxel one kept
+    assert "min_size" not in proc.stderr and "another FutureWarning" in proc.stderr  # only that message is silenced
