@@ -84,7 +84,7 @@ DEMO_SETTINGS: dict[str, Any] = {
     "bright_anatomy": True,
     "dark_core": True,
     "spatial_size": 32,
-    # 10 epochs (was 20, 53 % of the demo's wall time) so that the demo finishes in under 6 min on a 2-core AVX2 CPU
+    # 10 epochs (was 20, 53 % of the demo's wall time): the demo's longest step, halved towards a 6-min demo on 2 AVX2 cores
     "diffusion_epochs": 10,
     "classifier_epochs": 6,
     "batch_size": 16,
