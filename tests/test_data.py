@@ -55,6 +55,35 @@ def test_synthetic_volume_deterministic_and_brain_like():
     assert not seg_free.any()
 
 
+def test_synthetic_realism_options_make_the_target_not_simply_the_brightest():
+    """bright_anatomy and dark_core (the demo's data): bright unlabelled anatomy on healthy slices, non-bright cores."""
+    shape = (48, 48, 24)
+    plain, seg, _ = synthetic_brain_volume(shape, seed=3, num_lesions=2)
+    image, seg_b, _ = synthetic_brain_volume(shape, seed=3, num_lesions=2, bright_anatomy=True)
+    np.testing.assert_array_equal(seg_b, seg)  # the anatomy is never labelled and moves no lesion
+    brain = plain > 0
+    healthy = brain & (seg == 0)
+    added = image.astype(float) - plain
+    # the band: a few per cent of the brain, every slice with brain has some, all of it unlabelled tissue
+    band = added > 100
+    assert 0.02 < band[brain].mean() < 0.15 and not (band & (seg > 0)).any()
+    assert band.any(axis=(0, 1))[brain.any(axis=(0, 1))].all()
+    # brighter than 99 % of the other healthy tissue, so that a slice's high percentile is often normal anatomy
+    assert np.median(image[band]) > np.percentile(image[healthy & ~band], 99)
+
+    cored, seg_c, _ = synthetic_brain_volume(shape, seed=3, num_lesions=2, dark_core=True)
+    core, ring = np.isin(seg_c, (1, 4)), seg_c == 2
+    assert core.any() and ring.any()
+    tissue = cored[brain & (seg_c == 0)].astype(float)
+    # the necrotic core is tissue-like, the ring around it FLAIR-bright
+    assert np.median(cored[core]) < np.percentile(tissue, 90) < np.median(cored[ring])
+    assert core.sum() > (np.isin(seg, (1, 4))).sum()  # a larger core than by default
+    with pytest.raises(ValueError, match="lesion_contrast"):
+        synthetic_brain_volume(shape, seed=3, lesion_contrast=0.0)
+    faint, _, _ = synthetic_brain_volume(shape, seed=3, num_lesions=2, lesion_contrast=0.5)
+    assert tissue.mean() < faint[seg > 0].mean() < plain[seg > 0].mean()
+
+
 def test_make_synthetic_dataset_is_brats_layout(brats_root):
     items = build_brats_datalist(brats_root)
     assert [it["case"] for it in items] == [f"synth_{i:03d}" for i in range(4)]

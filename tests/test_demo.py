@@ -34,7 +34,7 @@ def test_quick_demo_runs_every_step_through_the_bundle(quick_run):
         assert summary["num_positive_slices"] > 0 and 0.0 <= summary["slice_dice"] <= 1.0
         assert name == "whole brain" or list((tmp_path / name / "overlays").glob("*.png"))
     # the diffusion model, the classifier and the segmentation network were trained by the bundle's own configs
-    for name in ("model_final.pt", "classifier_final.pt", "segmenter_final.pt"):
+    for name in ("diffusion_final.pt", "classifier_final.pt", "model_final.pt"):
         assert (tmp_path / "models" / name).is_file(), name
     assert list((tmp_path / "pseudo_masks").rglob("*_pseudo.nii.gz"))
     test_cases = json.loads((tmp_path / "train_diffusion" / "datalist.json").read_text())["test"]
@@ -82,7 +82,8 @@ def test_demo_command_prints_one_training_line_per_epoch_and_repeats_its_scores(
     assert scores(second) == scores(first), "the scores differ beyond the third decimal"
 
 
-def test_readme_check_flags_any_score_that_moved(tmp_path):
+def test_readme_check_passes_within_its_tolerance_and_fails_beyond_it(tmp_path):
+    """The README check is pure Python on table strings: scores within README_TOLERANCE agree, counts must be equal."""
     summaries = {
         "cdm": {"num_cases": 4, "num_positive_slices": 35, "slice_dice": 0.4381, "slice_iou": 0.3, "volume_dice": 0.5, "pixel_auroc": 0.9},
         "whole brain": {"num_cases": 4, "num_positive_slices": 35, "slice_dice": 0.119, "slice_iou": 0.07, "volume_dice": 0.1, "pixel_auroc": None},
@@ -90,13 +91,73 @@ def test_readme_check_flags_any_score_that_moved(tmp_path):
     start, end = demo.README_MARKERS
     readme = tmp_path / "README.md"
     readme.write_text(f"# x\n\n{start}\n{demo.result_table(summaries)}\n{end}\n")
-    assert demo.compare_with_readme(summaries, readme) == []
     assert "| whole brain | 4 | 35 | 0.119 | 0.070 | 0.100 | n/a |" in demo.read_readme_table(readme)
-    moved = {**summaries, "cdm": {**summaries["cdm"], "slice_dice": 0.4386}}  # 0.438 -> 0.439
-    diffs = demo.compare_with_readme(moved, readme)
-    assert diffs == ["README: | cdm | 4 | 35 | 0.438 | 0.300 | 0.500 | 0.900 |", "demo:   | cdm | 4 | 35 | 0.439 | 0.300 | 0.500 | 0.900 |"]
-    assert demo.compare_with_readme({"cdm": summaries["cdm"]}, readme)  # a missing row is a difference too
+    assert demo.compare_with_readme(summaries, readme) == []
+    assert demo.compare_with_readme(summaries, readme, tolerance=0.0) == []
+    tol = demo.README_TOLERANCE
+    assert 0 < tol <= 0.05
+
+    def moved(**change):
+        return {**summaries, "cdm": {**summaries["cdm"], **change}}
+
+    # a CPU-kind difference (a little under the tolerance, on several scores at once) passes ...
+    near = moved(slice_dice=0.4381 + tol - 0.002, volume_dice=0.5 - tol + 0.002, pixel_auroc=0.9 + 0.01)
+    assert demo.compare_with_readme(near, readme) == []
+    # ... but not with an exact check, which flags the third decimal
+    assert demo.compare_with_readme(moved(slice_dice=0.4386), readme, tolerance=0.0)
+    # a real difference (just beyond the tolerance) fails, naming the row and the column
+    far = demo.compare_with_readme(moved(slice_iou=0.3 + tol + 0.002), readme)
+    assert far[0] == "README: | cdm | 4 | 35 | 0.438 | 0.300 | 0.500 | 0.900 |"
+    assert far[1].startswith("demo:   | cdm | 4 | 35 | 0.438 | 0.3")
+    assert "slice IoU" in far[2] and "slice Dice" not in far[2]
+    # counts are never tolerated, nor a number where the README has n/a, nor a missing or extra row
+    assert demo.compare_with_readme(moved(num_positive_slices=36), readme)
+    assert demo.compare_with_readme({**summaries, "whole brain": {**summaries["whole brain"], "pixel_auroc": 0.5}}, readme)
+    assert demo.compare_with_readme({"cdm": summaries["cdm"]}, readme)
+    assert demo.compare_with_readme({**summaries, "threshold": summaries["cdm"]}, readme)
+    # the same on plain table strings, both directions
+    table = demo.result_table(summaries)
+    assert demo.compare_tables(table, table.replace("0.438", "0.460")) == []
+    assert demo.compare_tables(table, table.replace("0.438", "0.480"))
+    assert demo.compare_tables(table.replace("0.438", "0.480"), table)
+    # bad inputs: each error names what is wrong
+    with pytest.raises(ValueError, match="tolerance"):
+        demo.compare_with_readme(summaries, readme, tolerance=-0.01)
+    with pytest.raises(ValueError, match="tolerance"):
+        demo.compare_tables(table, table, tolerance=float("nan"))
+    with pytest.raises(ValueError, match="slice Dice"):
+        demo.compare_tables(table, table.replace("0.438", "abc"))
+    with pytest.raises(ValueError, match="value"):
+        demo.compare_tables(table, table + "\n| cg_cdm | 4 | 35 | 0.1 |")
     plain = tmp_path / "plain.md"
     plain.write_text("# no table\n")
     with pytest.raises(ValueError, match="no demo table"):
         demo.compare_with_readme(summaries, plain)
+
+
+def test_readme_check_command_states_its_tolerance_and_exits_1_on_a_difference(tmp_path, capsys):
+    """``--check_readme`` on the repository's README: the recorded run passes, a moved score fails with exit code 1."""
+    from pathlib import Path
+
+    recorded = Path(demo.__file__).resolve().parents[1] / "bundles" / "brats_cdm" / "docs" / "results" / "demo_summary.json"
+    with pytest.raises(SystemExit) as help_exit:
+        demo.main(["--help"])
+    assert help_exit.value.code == 0
+    assert f"default {demo.README_TOLERANCE}" in capsys.readouterr().out
+    assert demo.main(["--check_readme", str(recorded)])["differences"] == []
+    assert "within" in capsys.readouterr().out
+    saved = json.loads(recorded.read_text())
+    first = next(iter(saved["summaries"]))
+    saved["summaries"][first]["slice_dice"] = saved["summaries"][first]["slice_dice"] + 0.1
+    moved = tmp_path / "summary.json"
+    moved.write_text(json.dumps(saved))
+    with pytest.raises(SystemExit) as failed:
+        demo.main(["--check_readme", str(moved)])
+    assert failed.value.code == 1
+    assert f"| {first} |" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as bad:
+        demo.main(["--check_readme", str(moved), "--tolerance", "-1"])
+    assert bad.value.code == 2 and "--tolerance" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as missing:
+        demo.main(["--check_readme", str(tmp_path / "nothing.json")])
+    assert missing.value.code == 2 and "--check_readme" in capsys.readouterr().err

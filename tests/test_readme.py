@@ -31,4 +31,5 @@ def test_readme_demo_table_is_the_recorded_demo_run():
     recorded = json.loads(DEMO_SUMMARY.read_text())
     assert recorded["seed"] == 0 and recorded["threads"] == 1, "the README shows the default run: seed 0, one thread"
     assert recorded["settings"] == json.loads(json.dumps(DEMO_SETTINGS)), "the demo's settings changed since its recorded run"
-    assert compare_with_readme(recorded["summaries"], README) == []
+    # the README's table is this run's, pasted: exact to the third decimal (the tolerance is for runs on other CPUs)
+    assert compare_with_readme(recorded["summaries"], README, tolerance=0.0) == []

@@ -25,6 +25,10 @@ EXPECTED = {
 }
 
 _PROBE = "KERNEL_PYTHON="
+#: diffusion epochs of notebooks 01 and 02 in the tests, through their documented parameter
+#: ``MONAI_WSSS_TUTORIAL_EPOCHS`` (unset, they train the demo's 20 and 30 epochs): the first notebook's training was
+#: the suite's floor. Enough for the trained maps to beat the chance level, which both tests still require.
+TUTORIAL_EPOCHS = 8
 _NUMBER = r"(-?\d+\.\d+|nan)"
 
 
@@ -126,8 +130,9 @@ def _value(stdout: str, label: str) -> float:
 
 @pytest.mark.slow
 def test_tutorial_01_cdm_end_to_end(tmp_path, monkeypatch):
+    monkeypatch.setenv("MONAI_WSSS_TUTORIAL_EPOCHS", str(TUTORIAL_EPOCHS))
     nb, _, stdout = _execute("01_cdm_end_to_end.ipynb", tmp_path, monkeypatch)
-    assert "trained 20 epochs" in stdout
+    assert f"trained {TUTORIAL_EPOCHS} epochs" in stdout  # the parameter reached the training
     assert _figures(nb) >= 5  # data, weak labels, loss, overlays + histogram, the pipeline's overlay PNG
     cdm = _value(stdout, "CDM slice Dice")
     chance = _value(stdout, "whole-brain (chance) slice Dice")
@@ -139,7 +144,9 @@ def test_tutorial_01_cdm_end_to_end(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_tutorial_02_three_inferers(tmp_path, monkeypatch):
+    monkeypatch.setenv("MONAI_WSSS_TUTORIAL_EPOCHS", str(TUTORIAL_EPOCHS))
     nb, _, stdout = _execute("02_three_inferers.ipynb", tmp_path, monkeypatch)
+    assert f"{TUTORIAL_EPOCHS} epochs, " in stdout  # the parameter reached the training
     assert _figures(nb) >= 1
     dice = {name: _value(stdout, f"Dice {name}") for name in ("CDM", "CG-CDM", "CG-Diff", "CFG", "intensity threshold", "whole brain")}
     assert all(0.0 <= d <= 1.0 for d in dice.values()), dice

@@ -1,6 +1,14 @@
 # Copyright (c) monai_wsss contributors
 # Licensed under the Apache License, Version 2.0
-"""Brain-like synthetic FLAIR volumes with bright lesions, for tests and the demo (no download)."""
+"""
+Brain-like synthetic FLAIR volumes with lesions, for tests and the demo (no download).
+
+By default the lesions are the brightest structure of the image and uniformly hyperintense, so a plain intensity
+threshold finds them. ``bright_anatomy=True`` adds a bright cortical band on every slice and ``dark_core=True``
+gives the lesions a necrotic core that is not hyperintense (a bright ring around a tissue-like centre), as on
+real FLAIR scans: the brightest voxels of a slice are then not simply the target, and the target is not simply
+its brightest voxels.
+"""
 
 from __future__ import annotations
 
@@ -32,6 +40,9 @@ def synthetic_brain_volume(
     seed: int | np.random.Generator = 0,
     num_lesions: int | None = None,
     outliers: bool = False,
+    bright_anatomy: bool = False,
+    lesion_contrast: float = 1.0,
+    dark_core: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """
     One synthetic skull-stripped FLAIR-like volume with its BraTS-style mask.
@@ -41,18 +52,29 @@ def synthetic_brain_volume(
     around a label-1 or label-4 core, brighter than tissue as in FLAIR, with varied sizes and positions; they
     never cover every slice, so lesion-free slices exist in every volume.
 
+    With ``bright_anatomy`` the brain also holds normal anatomy brighter than tissue on every slice (healthy
+    slices included), never labelled: a band along the brain's outer boundary (about 7 % of the brain's voxels,
+    like bright cortex), dimmer than the lesions' oedema but above most of the tissue. With ``dark_core`` the
+    lesions' core is larger (its squared normalised radius up to 0.5 instead of 0.35) and gets no hyperintensity
+    (necrosis: tissue-like intensity inside the bright oedema ring), still labelled (1 or 4). ``lesion_contrast``
+    scales the lesions' hyperintensity over tissue (1: the default). With the options off, the volumes are exactly
+    those of earlier versions (the options add no random draw then).
+
     Args:
         shape: (H, W, D) volume shape; H, W at least 16, D at least 4.
         seed: integer seed or a NumPy generator (deterministic output for a given seed).
         num_lesions: number of lesions (``None``: 1 to 3 drawn from the seed; 0: a lesion-free volume).
         outliers: put a few voxels at 32767 inside the brain (as in some raw BraTS FLAIR volumes).
+        bright_anatomy: add a bright cortical band on every slice (normal anatomy, never labelled).
+        lesion_contrast: factor (> 0) on the lesions' intensity above tissue.
+        dark_core: give each lesion a larger core without hyperintensity (necrosis inside a bright ring).
 
     Returns:
         ``(image, seg, affine)``: int16 image (H, W, D), uint8 mask with labels {0, 1, 2, 4}, 4 x 4 affine
         (1 mm voxels, BraTS-like orientation).
 
     Raises:
-        ValueError: a too small shape or a negative ``num_lesions``.
+        ValueError: a too small shape, a negative ``num_lesions`` or a ``lesion_contrast`` that is not > 0.
 
     Example::
 
@@ -65,6 +87,8 @@ def synthetic_brain_volume(
         raise ValueError(f"shape must be (H, W, D) with H, W >= 16 and D >= 4 voxels, got {shape}.")
     if num_lesions is not None and num_lesions < 0:
         raise ValueError(f"num_lesions must be >= 0, got {num_lesions}.")
+    if not (np.isfinite(lesion_contrast) and lesion_contrast > 0):
+        raise ValueError(f"lesion_contrast must be a finite number > 0, got {lesion_contrast!r}.")
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     size = np.asarray(shape, dtype=np.float32)
     grids = np.meshgrid(*[np.arange(s, dtype=np.float32) for s in shape], indexing="ij", sparse=True)
@@ -109,14 +133,24 @@ def synthetic_brain_volume(
         box = bounding_box(l_centre, radius)  # the noise term can only shrink r by 0.25 * |noise|, covered by 1.3
         r_lesion = radius_map(l_centre, radius, box) + 0.25 * lesion_noise[box]
         oedema = (r_lesion <= 1.0) & brain[box]
-        core = (r_lesion <= 0.35) & brain[box]
+        core = (r_lesion <= (0.5 if dark_core else 0.35)) & brain[box]
         # hyperintense like FLAIR oedema, brightest in the centre, edges still well above tissue
-        image[box] += oedema * (230.0 + 90.0 * rng.uniform()) * np.clip(1.4 - 0.6 * r_lesion, 0.7, 1.0)
+        added = (
+            oedema * (230.0 + 90.0 * rng.uniform()) * float(lesion_contrast) * np.clip(1.4 - 0.6 * r_lesion, 0.7, 1.0)
+        )
+        if dark_core:  # necrosis: no hyperintensity inside the ring
+            added = np.where(core, np.float32(0.0), added)
+        image[box] += added
         seg_box = seg[box]
         seg_box[oedema & (seg_box == 0)] = 2
         seg_box[core] = 4 if rng.uniform() < 0.5 else 1
 
     image += rng.standard_normal(shape, dtype=np.float32) * 8.0
+    if bright_anatomy:
+        # a bright band along the brain's outer boundary, on every slice (its brightness is drawn only here, so
+        # volumes without the option are unchanged)
+        band = (r_brain > 0.90) & (r_brain <= 0.95)
+        image += np.float32(120.0 * rng.uniform(0.9, 1.1)) * band
     image = np.where(brain, np.clip(image, 1.0, None), 0.0)
     seg[~brain] = 0
     if outliers:
@@ -135,6 +169,9 @@ def make_synthetic_dataset(
     shape: Sequence[int] = (96, 96, 48),
     seed: int = 0,
     lesion_free_every: int = 4,
+    bright_anatomy: bool = False,
+    lesion_contrast: float = 1.0,
+    dark_core: bool = False,
 ) -> list[dict]:
     """
     Write a synthetic BraTS-layout dataset: ``out_dir/<case>/<case>_flair.nii.gz`` and ``<case>_seg.nii.gz``.
@@ -149,6 +186,9 @@ def make_synthetic_dataset(
         shape: (H, W, D) of every volume.
         seed: dataset seed.
         lesion_free_every: period of lesion-free cases (0: none).
+        bright_anatomy: add a bright cortical band on every slice (see :py:func:`synthetic_brain_volume`).
+        lesion_contrast: factor (> 0) on the lesions' hyperintensity (see :py:func:`synthetic_brain_volume`).
+        dark_core: lesions with a necrotic core that is not hyperintense (see :py:func:`synthetic_brain_volume`).
 
     Returns:
         datalist items ``{"image": path, "seg": path, "case": id}``, as :py:func:`build_brats_datalist` lists them.
@@ -170,7 +210,13 @@ def make_synthetic_dataset(
         case = f"synth_{i:03d}"
         lesion_free = lesion_free_every > 0 and i % lesion_free_every == lesion_free_every - 1
         image, seg, affine = synthetic_brain_volume(
-            shape, seed=np.random.default_rng([seed, i]), num_lesions=0 if lesion_free else None, outliers=i == 1
+            shape,
+            seed=np.random.default_rng([seed, i]),
+            num_lesions=0 if lesion_free else None,
+            outliers=i == 1,
+            bright_anatomy=bright_anatomy,
+            lesion_contrast=lesion_contrast,
+            dark_core=dark_core,
         )
         case_dir = root / case
         case_dir.mkdir(parents=True, exist_ok=True)
