@@ -294,3 +294,14 @@ def test_intensity_threshold_errors():
         baseline(bad)
     with pytest.raises(ValueError, match="NaN"):
         baseline.fixed_threshold_mask(bad)
+
+
+@pytest.mark.parametrize("method", ["scorecam", "gradcam"])
+def test_cam_leaves_the_callers_grad_mode_as_it_was(clf, images, method):
+    """ScoreCAM runs without gradients: the caller's autograd must be on again afterwards (a leak here broke every
+    later training step in the same process)."""
+    ClassActivationMapInferer(method=method, target_class=1, timestep=0)(images, clf)
+    assert torch.is_grad_enabled()
+    with torch.no_grad():
+        ClassActivationMapInferer(method=method, target_class=1, timestep=0)(images, clf)
+        assert not torch.is_grad_enabled()

@@ -37,7 +37,7 @@ TRAIN_CONFIGS = ("train_diffusion.json", "train_classifier.json")
 REQUIRED_FILES = (
     "configs/metadata.json", "configs/inference.json", "configs/evaluate.json", "configs/train.json",
     "configs/train_diffusion.json", "configs/train_classifier.json", "configs/multi_gpu_train.json", "configs/logging.conf",
-    "LICENSE",
+    "LICENSE", "docs/README.md", "docs/data_license.txt",
 )
 # a few iterations at 32 x 32 with a 2-step CDM validation on a handful of slices
 FAST = {"max_epochs": 1, "epoch_length": 2, "batch_size": 4, "progress_bar": False, "spatial_size": [32, 32]}

@@ -311,8 +311,10 @@ class ClassActivationMapInferer(Inferer):
 
         wrapper = TimestepClassifierWrapper(model, self.timestep, self.target_class)
         uses_gradients = self.method != "scorecam"
-        # works under a caller's no_grad / inference_mode: the gradient methods need autograd on a normal tensor
-        grad_context = torch.set_grad_enabled(uses_gradients)
+        # works under a caller's no_grad / inference_mode: the gradient methods need autograd on a normal tensor.
+        # Not torch.set_grad_enabled(flag) built before the `with`: it switches the mode at construction, so its
+        # exit "restores" the mode it switched to and grad stays off for the caller after ScoreCAM
+        grad_context = torch.enable_grad() if uses_gradients else torch.no_grad()
         with torch.inference_mode(False), grad_context, _parameters_untouched(model, freeze=True):
             x = convert_to_tensor(inputs, track_meta=False).detach().clone()
             cam = self._classes[self.method](wrapper, target_layers=layers)
