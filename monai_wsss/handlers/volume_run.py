@@ -108,7 +108,8 @@ class RunFolderHandler:
         """Open the folder (refusing another run's) unless the caller already did."""
         if not self.folder.opened:
             self.folder.open()
-        self._done = len(self.folder.items) - len(self.folder.pending())
+        # volumes kept from an interrupted run count as done; the recorded rows say which (no file is re-read)
+        self._done = sum(1 for row in self.folder.rows() if "map" in row)
 
     def _iteration_started(self, engine: Engine) -> None:
         self._started_at = time.perf_counter()
