@@ -256,3 +256,18 @@ def test_copy_meta_from_source_and_writer_errors(tmp_path):
         CopyMetaFromd(["map"])({"map": torch.zeros(1, 6, 7, 8)})
     with pytest.raises(ValueError, match="nothing to write"):
         map_writer(tmp_path, map_key=None, mask_key=None)
+
+
+def test_mask_of_map_is_otsu_per_slice_or_a_fixed_threshold_inside_the_body():
+    from monai_wsss.transforms import OtsuThreshold, mask_of_map
+
+    torch.manual_seed(0)
+    values = torch.rand(1, 8, 8, 3)
+    body = torch.ones_like(values)
+    body[..., :2, :, :] = 0
+    fixed = mask_of_map(values, body, 0.5, slice_axis=-1)
+    assert torch.equal(fixed, ((values >= 0.5) & (body != 0)).to(fixed.dtype))  # AsDiscrete's >=, never outside
+    otsu = mask_of_map(values, body, "otsu", slice_axis=-1)
+    assert torch.equal(otsu.bool(), torch.as_tensor(OtsuThreshold(slice_axis=-1)(values, body_mask=body)).bool())
+    largest = mask_of_map(values, body, 0.5, slice_axis=-1, largest_component=True)
+    assert largest.sum() <= fixed.sum() and not (largest.bool() & ~fixed.bool()).any()

@@ -15,18 +15,18 @@ from typing import Any
 import torch
 from monai.data import DataLoader, Dataset
 from monai.engines import SupervisedEvaluator
-from monai.transforms import AsDiscrete, Compose, RemoveSmallObjects
+from monai.transforms import Compose, RemoveSmallObjects
 from monai.utils import convert_to_tensor
 
 import monai_wsss
 from monai_wsss.apps.run_folder import RunFolder, component_settings, name_run_items
-from monai_wsss.data import TaskPreset, get_task, volume_preprocess
+from monai_wsss.data import MAP_THRESHOLD_MODES, TaskPreset, get_task, volume_preprocess
 from monai_wsss.data.slice_dataset import _UnwrappedErrors
 from monai_wsss.engines import SegmentationPrepareBatch
 from monai_wsss.handlers import DatasetThresholdHandler, RunFolderHandler, VolumeReportHandler
 from monai_wsss.inferers import SliceProbabilityInferer, VolumeInferer
 from monai_wsss.networks.precision import AutocastNetwork
-from monai_wsss.transforms import NormalizeMap, OtsuThreshold, SliceGated, keep_largest_component, map_writer
+from monai_wsss.transforms import NormalizeMap, SliceGated, map_writer, mask_of_map
 from monai_wsss.utils import reuse_freed_memory
 
 __all__ = ["VolumeSegmentationPipeline", "THRESHOLD_MODES"]
@@ -34,8 +34,8 @@ __all__ = ["VolumeSegmentationPipeline", "THRESHOLD_MODES"]
 logger = logging.getLogger(__name__)
 
 #: string values of ``threshold``: per-slice Otsu, or one dataset-level threshold (mean of the per-slice Otsu
-#: thresholds of all maps of a run, the CDM paper's "average Otsu")
-THRESHOLD_MODES = ("otsu", "average_otsu")
+#: thresholds of all maps of a run, the CDM paper's "average Otsu"); the task registry's modes
+THRESHOLD_MODES = MAP_THRESHOLD_MODES
 
 # inferer attributes worth reporting, in this order
 _SETTINGS = ("noise_level", "num_steps", "tau", "guidance_scale", "mode", "cfg_scale", "percentile")
@@ -217,14 +217,7 @@ class VolumeSegmentationPipeline:
         threshold = self.threshold if threshold is None else threshold
         if threshold == "average_otsu":
             raise ValueError("threshold='average_otsu' is computed over all volumes of a run: use run(), or pass a float.")
-        body = convert_to_tensor(image, track_meta=False)
-        if threshold == "otsu":
-            thresholder = OtsuThreshold(slice_axis=self.slice_axis, largest_component=self.largest_component)
-            mask = convert_to_tensor(thresholder(map01, body_mask=body), track_meta=False)
-        else:  # a fixed threshold (a float, or the run's average Otsu): MONAI's AsDiscrete, inside the body
-            mask = convert_to_tensor(AsDiscrete(threshold=float(threshold))(map01), track_meta=False) * (body != 0)
-            if self.largest_component:
-                mask = convert_to_tensor(keep_largest_component(mask, self.slice_axis), track_meta=False)
+        mask = mask_of_map(map01, image, threshold, self.slice_axis, self.largest_component)
         return self.gate_and_filter(mask, image)
 
     def gate_and_filter(self, mask: torch.Tensor, image: torch.Tensor) -> torch.Tensor:

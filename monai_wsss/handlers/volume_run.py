@@ -23,12 +23,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from monai.transforms import AsDiscrete, LoadImage
+from monai.transforms import LoadImage
 from monai.utils import convert_to_tensor, min_version, optional_import
 
 from monai_wsss.apps.reports import VolumeEvaluation, save_overlay, write_csv, write_summary_markdown
 from monai_wsss.apps.run_folder import RunFolder
-from monai_wsss.transforms import OtsuThreshold, keep_largest_component, otsu_thresholds
+from monai_wsss.data.tasks import MAP_THRESHOLD_MODES
+from monai_wsss.transforms import mask_of_map, otsu_thresholds
 from monai_wsss.utils import write_text_atomic
 
 Events, _ = optional_import("ignite.engine", "0.4.11", min_version, "Events")
@@ -95,6 +96,7 @@ class RunFolderHandler:
         self.map_key = map_key
         self.mask_key = mask_key
         self.threshold = threshold
+        self._images = {str(it.get("case")): str(it.get("image", "")) for it in run_folder.items}
         self._started_at: float | None = None
         self._done = 0
 
@@ -133,8 +135,7 @@ class RunFolderHandler:
             values["mask_voxels"] = int(convert_to_tensor(item[self.mask_key]).sum())
         if seconds is not None:
             values["seconds"] = float(seconds)
-        source = next((it for it in self.folder.items if str(it.get("case")) == case), {})
-        values["image"] = str(source.get("image", ""))
+        values["image"] = self._images.get(case, "")
         self.folder.update_row(case, **values)
         if seconds is not None:
             self._done += 1
@@ -207,8 +208,8 @@ class DatasetThresholdHandler:
         largest_component: bool = False,
         threshold: str | float = "average_otsu",
     ) -> None:
-        if isinstance(threshold, str) and threshold not in ("average_otsu", "otsu"):
-            raise ValueError(f"`threshold` must be 'average_otsu', 'otsu' or a number, got {threshold!r}.")
+        if isinstance(threshold, str) and threshold not in MAP_THRESHOLD_MODES:
+            raise ValueError(f"`threshold` must be one of {MAP_THRESHOLD_MODES} or a number, got {threshold!r}.")
         self.folder = run_folder
         self.preprocessing = preprocessing
         self.largest_component = bool(largest_component)
@@ -260,17 +261,12 @@ class DatasetThresholdHandler:
     def epoch_completed(self, engine: Engine | None = None) -> str | float:
         """Threshold every map of the run; returns the threshold (the average Otsu value, ``"otsu"`` or the float)."""
         threshold = self._average_otsu() if self.threshold == "average_otsu" else self.threshold
-        otsu = OtsuThreshold(slice_axis=self.slice_axis, largest_component=self.largest_component)
-
-        def thresholder(values: torch.Tensor, body_mask: torch.Tensor) -> torch.Tensor:
-            if threshold == "otsu":
-                return otsu(values, body_mask=body_mask)
-            mask = convert_to_tensor(AsDiscrete(threshold=float(threshold))(values)) * (convert_to_tensor(body_mask) != 0)
-            return keep_largest_component(mask, self.slice_axis) if self.largest_component else mask
 
         for item in self.folder.items:
             data = self._item(item)
-            data[self.mask_key] = thresholder(data[self.map_key], body_mask=data[self.image_key])
+            data[self.mask_key] = mask_of_map(
+                data[self.map_key], data[self.image_key], threshold, self.slice_axis, self.largest_component
+            )
             if self.postprocessing is not None:
                 data = self.postprocessing(data)
             for consumer in self.consumers:

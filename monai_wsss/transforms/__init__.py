@@ -31,6 +31,7 @@ from monai_wsss.transforms.postprocess import (
     OtsuThresholdd,
     dataset_otsu_threshold,
     keep_largest_component,
+    mask_of_map,
     map_writer,
     otsu_thresholds,
 )
@@ -66,6 +67,7 @@ __all__ = [
     "OtsuThresholdd",
     "dataset_otsu_threshold",
     "keep_largest_component",
+    "mask_of_map",
     "map_writer",
     "otsu_thresholds",
 ]

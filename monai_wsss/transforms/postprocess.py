@@ -37,7 +37,7 @@ from skimage.filters import threshold_otsu
 from monai.config import KeysCollection
 from monai.config.type_definitions import NdarrayOrTensor
 from monai.data import MetaTensor
-from monai.transforms import Compose, KeepLargestConnectedComponent
+from monai.transforms import AsDiscrete, Compose, KeepLargestConnectedComponent
 from monai.transforms.transform import MapTransform, Transform
 from monai.utils import TransformBackends, convert_to_dst_type, convert_to_tensor
 
@@ -52,6 +52,7 @@ __all__ = [
     "OtsuThreshold",
     "OtsuThresholdd",
     "keep_largest_component",
+    "mask_of_map",
     "otsu_thresholds",
     "dataset_otsu_threshold",
     "CopyMetaFromd",
@@ -396,6 +397,40 @@ def _largest_per_unit(mask: torch.Tensor, connectivity: int | None) -> torch.Ten
     # each unit is one channel of a one-hot stack, so MONAI keeps the largest component per unit
     klcc = KeepLargestConnectedComponent(applied_labels=list(range(mask.shape[0])), is_onehot=True, connectivity=connectivity)
     return convert_to_tensor(klcc(mask.to(torch.uint8)), track_meta=False) > 0
+
+
+def mask_of_map(
+    values: NdarrayOrTensor,
+    body_mask: NdarrayOrTensor,
+    threshold: str | float = "otsu",
+    slice_axis: int | None = -1,
+    largest_component: bool = False,
+) -> torch.Tensor:
+    """
+    The binary mask of a map inside the body: each slice at its own Otsu threshold (``"otsu"``, with
+    :py:class:`OtsuThreshold`) or every voxel at a fixed value (MONAI's ``AsDiscrete(threshold=...)``, ``>=``), then
+    optionally the largest connected component of each slice.
+
+    Args:
+        values: the map ``(C, H, W[, D])``.
+        body_mask: non-zero inside the body, same shape.
+        threshold: ``"otsu"`` or a number (e.g. a run's average Otsu threshold, a probability).
+        slice_axis: spatial axis of the slices (``None``: the whole map as one unit).
+        largest_component: keep only the largest component of each slice's mask.
+
+    Returns:
+        a plain 0/1 tensor of the map's shape.
+
+    Example::
+
+        mask = mask_of_map(prob_map, image, threshold=0.5, slice_axis=2)
+    """
+    body = convert_to_tensor(body_mask, track_meta=False)
+    if threshold == "otsu":
+        otsu = OtsuThreshold(slice_axis=slice_axis, largest_component=largest_component)
+        return convert_to_tensor(otsu(values, body_mask=body), track_meta=False)
+    fixed = convert_to_tensor(AsDiscrete(threshold=float(threshold))(values), track_meta=False) * (body != 0)
+    return convert_to_tensor(keep_largest_component(fixed, slice_axis), track_meta=False) if largest_component else fixed
 
 
 def keep_largest_component(

@@ -83,18 +83,17 @@ class SliceGated(MapTransform):
             prob[chunk] = probability(x).float().cpu()
         return prob
 
-    def keep(self, image: torch.Tensor) -> torch.Tensor:
-        """``(1, H, W, D)``-broadcastable 0/1 tensor: the slices the gate keeps."""
+    def keep(self, image: torch.Tensor, probabilities: torch.Tensor | None = None) -> torch.Tensor:
+        """``(1, H, W, D)``-broadcastable 0/1 tensor: the slices the gate keeps (from ``probabilities`` when given)."""
+        prob = self.probabilities(image) if probabilities is None else probabilities
         shape = [1, 1, 1, 1]
         shape[self.slice_axis + 1] = -1
-        return (self.probabilities(image) >= self.threshold).float().reshape(shape)
+        return (prob >= self.threshold).float().reshape(shape)
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
         prob = self.probabilities(d[self.image_key])
-        shape = [1, 1, 1, 1]
-        shape[self.slice_axis + 1] = -1
-        keep = (prob >= self.threshold).reshape(shape)
+        keep = self.keep(d[self.image_key], prob)
         for key in self.key_iterator(d):
             d[key] = d[key] * keep.to(device=d[key].device, dtype=d[key].dtype)
         if self.probability_key is not None:
