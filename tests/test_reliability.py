@@ -24,7 +24,8 @@ import torch
 from monai.bundle import ConfigParser
 
 from conftest import TINY_UNET
-from monai_wsss.apps import MANIFEST_NAME, RunFolderError, VolumeSegmentationPipeline, list_volumes, load_weights
+from monai_wsss.apps import MANIFEST_NAME, FailedVolumesError, RunFolderError, VolumeSegmentationPipeline, list_volumes, load_weights
+from monai_wsss.apps.run_folder import LOCK_NAME
 from monai_wsss.bundle import check_command_line, parse_option
 from monai_wsss.data import make_synthetic_dataset
 from monai_wsss.data.synthetic import synthetic_brain_volume
@@ -142,15 +143,17 @@ def test_a_folder_of_another_run_is_refused_unless_overwrite(cases, tmp_path):
     with pytest.raises(RunFolderError, match="another run.*threshold"):
         pipeline(0.5).run(items, tmp_path)
     assert json.loads((tmp_path / MANIFEST_NAME).read_text()) == old_manifest  # untouched
-    # overwrite, and fail on the second case: the folder holds only the new run's files, and no results table
+    # overwrite, with a second case that cannot be read: the folder holds only the new run's files (the good case's
+    # and a table naming the bad one)
     broken = tmp_path.parent / f"{tmp_path.name}_broken.nii.gz"
     broken.write_bytes(b"not a nifti")
-    with pytest.raises(ValueError, match="broken"):
+    with pytest.raises(FailedVolumesError, match="1 of 2 volumes.*broken"):
         pipeline(0.5).run([items[0], str(broken)], tmp_path, overwrite=True)
     manifest = json.loads((tmp_path / MANIFEST_NAME).read_text())
     recorded = {entry["path"] for files in manifest["files"].values() for entry in files.values()}
-    on_disk = {p.name for p in tmp_path.iterdir() if p.is_file() and p.name != MANIFEST_NAME}
-    assert on_disk == recorded == {"synth_000_flair_map.nii.gz", "synth_000_flair_mask.nii.gz"}
+    on_disk = {p.name for p in tmp_path.iterdir() if p.is_file() and p.name not in (MANIFEST_NAME, LOCK_NAME)}
+    assert on_disk == recorded == {"synth_000_flair_map.nii.gz", "synth_000_flair_mask.nii.gz", "predictions.csv"}
+    assert list(manifest["failed"]) == [f"{tmp_path.name}_broken"]
     assert manifest["settings"]["pipeline"]["threshold"] == 0.5
     # results written without a manifest (an older version, another tool) are not mixed with this run's either
     legacy = tmp_path / "legacy"

@@ -95,6 +95,10 @@ def test_method_defaults_refuse_bad_values_naming_the_field(changes, field):
 def test_preset_checks_and_read_only_defaults():
     with pytest.raises(ValueError, match="TaskPreset.slice_axis"):
         TASKS["brats"].replace(slice_axis=3)
+    for codes in ("LPX", "LLS", "LP", 3):
+        with pytest.raises(ValueError, match="TaskPreset.orientation"):
+            TASKS["brats"].replace(orientation=codes)
+    assert TASKS["brats"].replace(orientation="ras").orientation == "RAS"  # nibabel codes, any case
     with pytest.raises(ValueError, match=r"TaskPreset.method_defaults\['cdm'\]"):
         TASKS["brats"].replace(method_defaults={"cdm": 0.5})
     with pytest.raises(TypeError):
@@ -108,7 +112,7 @@ def test_slice_fields_and_repr_hold_only_what_shapes_the_slices():
     preset = TASKS["chaos"]
     assert set(preset.slice_fields()) == {
         "name", "target_labels", "allowed_labels", "lower_percentile", "upper_percentile", "positive_min_pixels",
-        "positive_min_fraction", "min_body_fraction", "eval_min_fraction", "slice_axis", "image_channel",
+        "positive_min_fraction", "min_body_fraction", "eval_min_fraction", "slice_axis", "orientation", "image_channel",
     }
     assert "layout" not in repr(preset) and "method_defaults" not in repr(preset)
     assert preset.replace(modality="other") == preset

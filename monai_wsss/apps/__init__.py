@@ -20,6 +20,7 @@ from monai_wsss.apps.pseudo_masks import PseudoMaskGenerator
 from monai_wsss.apps.run_folder import (
     MANIFEST_NAME,
     RunFolder,
+    FailedVolumesError,
     RunFolderError,
     component_settings,
     name_run_items,
@@ -44,6 +45,7 @@ __all__ = [
     "SEGMENTER_METHODS",
     "THRESHOLD_MODES",
     "RunFolder",
+    "FailedVolumesError",
     "RunFolderError",
     "VolumeEvaluation",
     "VolumeSegmentationPipeline",

@@ -13,20 +13,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from monai.data import DataLoader, Dataset
-from monai.engines import SupervisedEvaluator
+from monai.data import DataLoader
 from monai.transforms import Compose, RemoveSmallObjects
 from monai.utils import convert_to_tensor
 
 import monai_wsss
 from monai_wsss.apps.run_folder import RunFolder, component_settings, name_run_items
-from monai_wsss.data import MAP_THRESHOLD_MODES, TaskPreset, get_task, volume_preprocess
-from monai_wsss.data.slice_dataset import _UnwrappedErrors
-from monai_wsss.engines import SegmentationPrepareBatch
+from monai_wsss.data import MAP_THRESHOLD_MODES, FailSafeDataset, TaskPreset, get_task, volume_preprocess
+from monai_wsss.engines import SegmentationPrepareBatch, VolumeEvaluator
 from monai_wsss.handlers import DatasetThresholdHandler, RunFolderHandler, VolumeReportHandler
 from monai_wsss.inferers import SliceProbabilityInferer, VolumeInferer
 from monai_wsss.networks.precision import AutocastNetwork
-from monai_wsss.transforms import NormalizeMap, SliceGated, map_writer, mask_of_map
+from monai_wsss.transforms import CopyMetaFromd, NormalizeMap, SliceGated, in_source_orientation, map_writer, mask_of_map
 from monai_wsss.utils import reuse_freed_memory
 
 __all__ = ["VolumeSegmentationPipeline", "THRESHOLD_MODES"]
@@ -255,8 +253,10 @@ class VolumeSegmentationPipeline:
             threshold: override of the pipeline's ``threshold`` (``"otsu"`` or a float).
 
         Returns:
-            the loaded data with ``raw_map`` (the method's output), ``map`` (normalised, ``[0, 1]``) and ``mask``
-            (0/1), all ``(1, H, W, D)`` in the input's space, and ``seconds`` (map computation time).
+            the loaded data (``image`` normalised, ``seg`` when given) with ``raw_map`` (the method's output),
+            ``map`` (normalised, ``[0, 1]``) and ``mask`` (0/1), all ``(1, H, W, D)`` MetaTensors in the input's
+            space (its own array order and affine, also when the task reoriented it to slice it), and ``seconds``
+            (map computation time).
         """
         self.check_threshold(threshold)
         data = self.load(item)
@@ -265,6 +265,11 @@ class VolumeSegmentationPipeline:
         data["map"] = self.normalize(data["raw_map"], data["image"])
         data["seconds"] = time.perf_counter() - start
         data["mask"] = self.binarize(data["map"], data["image"], threshold)
+        keys = [k for k in ("raw_map", "map", "mask") if k in data]
+        data = CopyMetaFromd(keys, source_key="image")(data)
+        for key in ["image", "seg", *keys]:
+            if key in data:
+                data[key] = in_source_orientation(data[key])
         return data
 
     # ---- a set of volumes ---------------------------------------------------------------------------------
@@ -381,9 +386,11 @@ class VolumeSegmentationPipeline:
             (float or "otsu"), "files": {name: path}, "resumed": bool}``.
 
         Raises:
-            ValueError: no items; with ``evaluate``, an item without ``seg``; a threshold out of range; and every
-                bad-input error of the steps (naming the file).
-            RunFolderError: ``output_dir`` is not writable or holds another run's results (a ``ValueError``).
+            ValueError: no items; with ``evaluate``, an item without ``seg``; a threshold out of range.
+            RunFolderError: ``output_dir`` is not writable, in use by another run or holds another run's results
+                (a ``ValueError``).
+            FailedVolumesError: after every other volume is written, the volumes that could not be segmented (a
+                ``ValueError`` naming each with its bad-input error; ``predictions.csv`` lists them too).
         """
         items = name_run_items(items)
         if evaluate:
@@ -397,8 +404,11 @@ class VolumeSegmentationPipeline:
         out = Path(output_dir)
         settings = self.run_settings(evaluate=bool(evaluate), num_overlays=num_overlays, overlay_slices=overlay_slices, title=title)
         folder = RunFolder(out, items, settings, overwrite=overwrite).open()
-        evaluator = self.evaluator(folder, evaluate=evaluate, num_overlays=num_overlays, overlay_slices=overlay_slices, title=title)
-        evaluator.run()
+        try:
+            evaluator = self.evaluator(folder, evaluate=evaluate, num_overlays=num_overlays, overlay_slices=overlay_slices, title=title)
+            evaluator.run()
+        finally:
+            folder.close()  # the handlers release the folder when the run ends; this covers a failure before that
         state = evaluator.state
         threshold: str | float = getattr(state, "dataset_threshold", None) or self.threshold
         kept = len(items) - len(evaluator.data_loader.dataset) if evaluator.data_loader is not None else 0
@@ -422,9 +432,10 @@ class VolumeSegmentationPipeline:
         num_overlays: int = 0,
         overlay_slices: int = 3,
         title: str | None = None,
-    ) -> SupervisedEvaluator:
+    ) -> VolumeEvaluator:
         """
-        The MONAI ``SupervisedEvaluator`` of a :py:meth:`run` into an opened ``folder``: the volumes still to compute
+        The :py:class:`~monai_wsss.engines.VolumeEvaluator` (a MONAI ``SupervisedEvaluator`` that records a scan it
+        cannot segment and goes on) of a :py:meth:`run` into an opened ``folder``: the volumes still to compute
         (:py:meth:`RunFolder.pending`) loaded by :py:attr:`preprocess`, the map from :py:meth:`predict`, normalised
         and thresholded as :py:meth:`segment` does, written by ``SaveVolumed``; the run folder, dataset-level
         threshold and report handlers of :py:mod:`monai_wsss.handlers` (what the bundles' ``inference.json`` wires
@@ -456,8 +467,10 @@ class VolumeSegmentationPipeline:
         if report is not None:
             handlers.append(report)
         postprocessing = Compose([_Normalized(self), write_map] + ([] if dataset_level else [_Binarized(self, write_mask)]))
-        loader = DataLoader(_UnwrappedErrors(Dataset(folder.pending(), transform=self.preprocess)), batch_size=1, num_workers=0)
-        return SupervisedEvaluator(
+        written = ("map",) if dataset_level else ("map", "mask")
+        dataset = FailSafeDataset(folder.pending(names=written), transform=self.preprocess)
+        loader = DataLoader(dataset, batch_size=1, num_workers=0)
+        return VolumeEvaluator(
             device=self.device,
             val_data_loader=loader,
             network=self.network if isinstance(self.network, torch.nn.Module) else torch.nn.Identity(),

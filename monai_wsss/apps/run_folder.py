@@ -20,13 +20,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock, Timeout
 from monai.inferers import Inferer
 from monai.transforms import Transform
 
 from monai_wsss.utils import TEMP_PREFIX, remove_stale_temporaries, write_text_atomic
 
 __all__ = [
+    "LOCK_NAME",
     "MANIFEST_NAME",
+    "FailedVolumesError",
     "RunFolder",
     "RunFolderError",
     "file_checksum",
@@ -42,6 +45,8 @@ logger = logging.getLogger(__name__)
 
 #: the manifest a run writes into its output folder
 MANIFEST_NAME = "run_manifest.json"
+#: the lock a run holds on its output folder while it runs (an OS file lock, released when the process ends)
+LOCK_NAME = ".run_folder.lock"
 _VERSION = 1
 # files a run of this package writes at the top of its folder; a folder holding one of these without a manifest
 # belongs to a run we know nothing about
@@ -50,7 +55,11 @@ _RESULT_NAMES = ("predictions.csv", "metrics.csv", "summary.md", "summary.json")
 
 
 class RunFolderError(ValueError):
-    """The output folder cannot be used for this run (another run's results, not writable)."""
+    """The output folder cannot be used for this run (another run's results, in use, not writable)."""
+
+
+class FailedVolumesError(ValueError):
+    """Volumes of a run could not be segmented (each listed with its reason); the others were."""
 
 
 def file_checksum(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -244,7 +253,13 @@ class RunFolder:
       recorded and unchanged on disk are kept, every other file is written again;
     - a manifest of another run, or results of this package without a manifest: refused with
       :py:class:`RunFolderError`, unless ``overwrite=True``, which deletes the files the old run wrote first
-      (so the folder never mixes two runs).
+      (so the folder never mixes two runs);
+    - a manifest of a run that wrote nothing (refused, or failed on every volume before writing): replaced;
+    - an input whose content changed since a run that wrote nothing for it (a failed scan, since fixed): the
+      same run, which retries it;
+    - a folder in use by another run (it holds the OS lock on :py:data:`LOCK_NAME`): refused before anything
+      is read or removed. The lock is held from :py:meth:`open` to :py:meth:`finish` (or :py:meth:`close`) and
+      released by the OS when the process ends, so a killed run never leaves the folder locked.
 
     Every file is written under a temporary name and renamed into place (see
     :py:func:`~monai_wsss.utils.atomic_files.atomic_write`); :py:meth:`record` enters it in the manifest, itself
@@ -281,6 +296,7 @@ class RunFolder:
         self.resumed = False
         self.opened = False
         self.manifest: dict = {}
+        self._lock: FileLock | None = None
 
     # ---- before any compute -----------------------------------------------------------------------------------
     def check_writable(self) -> None:
@@ -312,17 +328,32 @@ class RunFolder:
         names = [p.name for p in self.path.iterdir() if p.is_file()]
         return sorted(n for n in names if n in _RESULT_NAMES or n.endswith(_RESULT_SUFFIXES))
 
+    def _wrote_nothing(self, old: Mapping) -> bool:
+        """Whether a readable manifest records no map or mask, and the folder holds no result it does not record."""
+        files = old.get("files")
+        if not isinstance(files, Mapping) or "inputs" not in old:  # unreadable, or not one of ours
+            return False
+        if any(entries for case, entries in files.items() if case != "_run"):
+            return False
+        reports = {Path(entry["path"]).name for entry in files.get("_run", {}).values()}
+        return not set(self._foreign_results()) - reports
+
     def _differences(self, old: Mapping, new: Mapping) -> list[str]:
         diffs = []
         old_inputs, new_inputs = old.get("inputs", []), new["inputs"]
         if len(old_inputs) != len(new_inputs):
             diffs.append(f"{len(old_inputs)} input volumes vs {len(new_inputs)} now")
         else:
+            files = old.get("files", {})
             for a, b in zip(old_inputs, new_inputs):
-                if a != b:
-                    what = "changed content" if a.get("image") == b.get("image") else f"was {a.get('image')}"
-                    diffs.append(f"input {b.get('image')} ({what})")
-                    break
+                if a == b:
+                    continue
+                same_paths = all(a.get(k) == b.get(k) for k in ("case", "image", "seg"))
+                if same_paths and not files.get(str(b.get("case"))):
+                    continue  # changed since, but nothing was written from it (e.g. a scan that failed, now fixed)
+                what = "changed content" if a.get("image") == b.get("image") else f"was {a.get('image')}"
+                diffs.append(f"input {b.get('image')} ({what})")
+                break
         old_settings, new_settings = old.get("settings", {}), new["settings"]
         for key in sorted(set(old_settings) | set(new_settings)):
             if old_settings.get(key) != new_settings.get(key):
@@ -337,9 +368,40 @@ class RunFolder:
             self (``resumed`` tells whether an earlier run of the same settings is continued).
 
         Raises:
-            RunFolderError: not writable, or another run's results without ``overwrite``.
+            RunFolderError: not writable, in use by another run, or another run's results without ``overwrite``.
         """
         self.check_writable()
+        self._lock_folder()
+        try:
+            self._open_locked()
+        except BaseException:
+            self.close()
+            raise
+        self.opened = True
+        return self
+
+    def _lock_folder(self) -> None:
+        if self._lock is not None and self._lock.is_locked:
+            return
+        lock = FileLock(self.path / LOCK_NAME, timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            raise RunFolderError(
+                f"output folder {self.path} is in use by another run (it holds {LOCK_NAME}); wait for that run to "
+                "end, or pass another --output_dir."
+            ) from None
+        self._lock = lock
+
+    def close(self) -> None:
+        """Release the folder's lock (at the end of the run, or when it fails); opening again takes it again."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+        self.opened = False
+
+    def _open_locked(self) -> None:
+        # only the run holding the lock removes temporaries: those of a running run are never touched
         stale = remove_stale_temporaries(self.path)
         if stale:
             logger.info(f"{self.path}: removed {len(stale)} temporary file(s) of an interrupted run")
@@ -350,6 +412,13 @@ class RunFolder:
                 old = json.loads(self.manifest_path.read_text(encoding="utf-8"))
             except (OSError, ValueError):
                 old = {"settings": {"manifest": "unreadable"}}
+        if old is not None and self._wrote_nothing(old):
+            # a run refused, or failed on every volume, wrote no map or mask: nothing of it to keep or to protect;
+            # its reports (a predictions.csv listing the failures) go with its manifest
+            for entry in old.get("files", {}).get("_run", {}).values():
+                (self.path / entry["path"]).unlink(missing_ok=True)
+            logger.info(f"{self.path}: replacing the {MANIFEST_NAME} of an earlier run that wrote no map or mask")
+            old = None
         if old is not None:
             diffs = self._differences(old, new)
             if not diffs:
@@ -385,17 +454,17 @@ class RunFolder:
         for name in _RESULT_NAMES:
             self.forget(name)
         self._save()
-        self.opened = True
-        return self
 
-    def pending(self, items: Sequence[Mapping] | None = None) -> list[dict]:
+    def pending(self, items: Sequence[Mapping] | None = None, names: Sequence[str] = ("map",)) -> list[dict]:
         """
-        The items whose map still has to be computed: all of them, unless the folder holds a manifest of this
-        same run (same inputs and settings), whose maps recorded and unchanged on disk are kept. Reads the
-        folder only (nothing is written or removed), so it can be called before :py:meth:`open`.
+        The items still to compute: all of them, unless the folder holds a manifest of this same run (same inputs
+        and settings), whose volumes with every file of ``names`` recorded and unchanged on disk are kept. Reads
+        the folder only (nothing is written or removed), so it can be called before :py:meth:`open`.
 
         Args:
             items: the run's items (default: the ones the folder was made with), with their ``case``.
+            names: the files each computed volume writes (``"map"``; ``"map"`` and ``"mask"`` when masks are
+                made per volume; ``"mask"`` alone when no map is written).
 
         Returns:
             the items to compute, in order.
@@ -413,19 +482,37 @@ class RunFolder:
             manifest = old
         files = manifest.get("files", {})
 
-        def kept(case: str) -> bool:
-            entry = files.get(case, {}).get("map")
+        def intact(case: str, name: str) -> bool:
+            entry = files.get(case, {}).get(name)
             p = self.path / entry["path"] if entry else None
             return p is not None and p.is_file() and file_checksum(p) == entry["sha256"]
+
+        def kept(case: str) -> bool:
+            return all(intact(case, name) for name in names)
 
         return [it for it in items if not kept(str(it.get("case")))]
 
     def update_row(self, case: str, **values: Any) -> dict:
-        """Set fields of ``case``'s row of ``predictions.csv`` (kept in the manifest, so a resumed run keeps them)."""
+        """
+        Set fields of ``case``'s row of ``predictions.csv`` (kept in the manifest, so a resumed run keeps them); a
+        value of ``None`` removes the field.
+        """
         row = self.manifest.setdefault("rows", {}).setdefault(case, {"case": case})
-        row.update(_jsonable(values))
+        for key, value in _jsonable(values).items():
+            if value is None:
+                row.pop(key, None)
+            else:
+                row[key] = value
         self._save()
         return row
+
+    def fail(self, case: str, reason: str) -> None:
+        """Record that ``case`` could not be segmented, and why (its row's ``error``; a rerun retries it)."""
+        self.update_row(case, error=str(reason))
+
+    def failures(self) -> dict[str, str]:
+        """The cases of the run recorded as failed, with their reasons, in the items' order."""
+        return {str(r["case"]): str(r["error"]) for r in self.rows() if r.get("error")}
 
     def rows(self) -> list[dict]:
         """The rows of every item of the run, in the items' order (empty dicts for items not written)."""
@@ -482,6 +569,12 @@ class RunFolder:
         return all(self.recorded(case, n) is not None for n in names)
 
     def finish(self) -> None:
-        """Mark the run complete in the manifest."""
+        """Mark the run complete in the manifest (with the cases that failed, if any) and release the folder."""
         self.manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        failed = self.failures()
+        if failed:
+            self.manifest["failed"] = failed
+        else:
+            self.manifest.pop("failed", None)
         self._save()
+        self.close()

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["OPTION_KINDS", "RUN_ARGUMENTS", "parse_option", "check_command_line"]
+__all__ = ["OPTION_KINDS", "RUN_ARGUMENTS", "parse_option", "parse_write_map", "check_command_line"]
 
 #: the value kinds :py:func:`parse_option` reads
 OPTION_KINDS = ("bool", "int", "float", "str")
@@ -171,6 +171,36 @@ def _keys_of(files: Sequence[Path]) -> set[str]:
         if isinstance(content, dict):
             keys |= set(content)
     return keys
+
+
+def parse_write_map(value: Any, method: str, needs_maps: bool = False) -> bool:
+    """
+    The bundles' ``write_map`` option: write the float map of every scan beside its mask (``true``, the default) or
+    masks only. A method that thresholds all its maps together at the end of the run (the CDM paper's average Otsu:
+    the diffusion methods and ``threshold``) reads them from the written files, so it refuses ``false``.
+
+    Args:
+        value: the option's value.
+        method: the method, for the message.
+        needs_maps: the method reads its written maps back.
+
+    Returns:
+        whether to write the maps.
+
+    Raises:
+        ValueError: not a bool, or ``false`` for a method that needs its maps.
+
+    Example::
+
+        "writing_map": "$monai_wsss.bundle.parse_write_map(@write_map, @method)"
+    """
+    writing = parse_option("write_map", value, "bool")
+    if not writing and needs_maps:
+        raise ValueError(
+            f"--write_map false: method {method!r} thresholds its maps together at the end of the run, from the "
+            "written map files; keep --write_map true (the default) for it."
+        )
+    return writing
 
 
 def check_command_line(

@@ -11,11 +11,13 @@ from monai_wsss.data.datalist import (
     split_cases,
     write_datalist,
 )
+from monai_wsss.data.fail_safe import FAILED_KEY, FailSafeDataset, failure_record
 from monai_wsss.data.tasks import MAP_THRESHOLD_MODES, NORMALIZE_SCOPES, TASKS, DatasetLayout, MethodDefaults, TaskPreset, get_task
 from monai_wsss.data.slice_dataset import (
     SLICE_SPLITS,
     build_slice_dataset,
     require_slice_labels,
+    orientation_steps,
     volume_preprocess,
     volume_to_slices,
 )
@@ -23,6 +25,9 @@ from monai_wsss.data.slice_labels import LABELS_HEADER, UNLABELLED, SliceLabels,
 from monai_wsss.data.synthetic import make_synthetic_dataset, synthetic_brain_volume
 
 __all__ = [
+    "FAILED_KEY",
+    "FailSafeDataset",
+    "failure_record",
     "DatasetLayout",
     "MAP_THRESHOLD_MODES",
     "MethodDefaults",
@@ -45,6 +50,7 @@ __all__ = [
     "require_slice_labels",
     "split_cases",
     "synthetic_brain_volume",
+    "orientation_steps",
     "volume_preprocess",
     "volume_to_slices",
     "write_datalist",

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 from monai.data import Dataset, PersistentDataset
-from monai.transforms import AsDiscreted, Compose, MapTransform, Transform
+from monai.transforms import AsDiscreted, Compose, MapTransform, Orientationd, Transform
 
 from monai_wsss.data.slice_labels import UNLABELLED, SliceLabels
 from monai_wsss.data.tasks import TaskPreset, get_task
@@ -22,12 +22,14 @@ from monai_wsss.transforms.model_space import model_space_transform
 from monai_wsss.transforms.slicing import SliceVolumed
 from monai_wsss.transforms.validation import ValidateVolumed
 from monai_wsss.transforms.weak_label import MapTargetLabelsd, WeakSliceLabeld
+from monai_wsss.utils.errors import root_error
 
 __all__ = [
     "ReadableErrorsCompose",
     "SLICE_SPLITS",
     "build_slice_dataset",
     "require_slice_labels",
+    "orientation_steps",
     "volume_preprocess",
     "volume_to_slices",
 ]
@@ -37,13 +39,6 @@ SLICE_SPLITS = ("train", "eval", "all")
 
 # bump when the cached slice format changes, so old caches are not reused
 _CACHE_VERSION = "1"
-
-
-def _root_error(err: BaseException) -> BaseException:
-    """The error under MONAI's ``RuntimeError("applying transform ...")`` wrappers (one per Compose level)."""
-    while isinstance(err, RuntimeError) and str(err).startswith("applying transform") and err.__cause__ is not None:
-        err = err.__cause__
-    return err
 
 
 class ReadableErrorsCompose(Compose):
@@ -57,10 +52,35 @@ class ReadableErrorsCompose(Compose):
         try:
             return super().__call__(input_, start=start, end=end, threading=threading, lazy=lazy)
         except RuntimeError as err:
-            root = _root_error(err)
+            root = root_error(err)
             if root is err or not isinstance(root, (ValueError, FileNotFoundError)):
                 raise
             raise root.with_traceback(None) from None
+
+
+def orientation_steps(keys: Sequence[str], task: str | TaskPreset) -> list:
+    """
+    The reorientation of a task's scans after loading: MONAI's ``Orientationd`` to ``task.orientation`` (a
+    permutation and flips of the array axes, no resampling), or nothing for a task without one. Training,
+    pseudo-masks, slice labels and inference all call it, so that a slice index means the same anatomical
+    slice everywhere.
+
+    Args:
+        keys: keys of the loaded images (missing keys are skipped).
+        task: task name or preset.
+
+    Returns:
+        a list of zero or one transform.
+
+    Example::
+
+        >>> [type(t).__name__ for t in orientation_steps(["image", "seg"], "brats")]
+        ['Orientationd']
+    """
+    preset = get_task(task)
+    if preset.orientation is None:
+        return []
+    return [Orientationd(list(keys), axcodes=preset.orientation, labels=None, allow_missing_keys=True)]
 
 
 def volume_preprocess(task: str | TaskPreset = "brats", image_key: str = "image", seg_key: str = "seg") -> Compose:
@@ -70,6 +90,7 @@ def volume_preprocess(task: str | TaskPreset = "brats", image_key: str = "image"
 
     Steps: :py:class:`~monai_wsss.transforms.io.LoadVolumed` (NiBabel / ITK, so a DICOM series folder works),
     :py:class:`~monai_wsss.transforms.validation.ValidateVolumed` (3D, no NaN, same shape and affine),
+    MONAI's ``Orientationd`` to the task's ``orientation`` (see :py:func:`orientation_steps`),
     :py:class:`~monai_wsss.transforms.weak_label.MapTargetLabelsd` (task label mapping) and
     :py:class:`~monai_wsss.transforms.intensity.ScaleIntensityNonzeroPercentilesd`. The mask is optional.
 
@@ -95,6 +116,7 @@ def volume_preprocess(task: str | TaskPreset = "brats", image_key: str = "image"
         [
             LoadVolumed([image_key, seg_key], channel=preset.image_channel, allow_missing_keys=True),
             ValidateVolumed(image_key=image_key, seg_key=seg_key, spatial_dims=3),
+            *orientation_steps([image_key, seg_key], preset),
             MapTargetLabelsd(
                 seg_key,
                 target_labels=preset.target_labels,
@@ -152,7 +174,7 @@ def volume_to_slices(
         raise ValueError(f"extra_mask_keys must not repeat 'image' or 'seg', got {extra}.")
     extra_steps: list = []
     if extra:
-        extra_steps = [LoadVolumed(extra, channel=preset.image_channel)]
+        extra_steps = [LoadVolumed(extra, channel=preset.image_channel), *orientation_steps(extra, preset)]
         extra_steps += [ValidateVolumed(image_key="image", seg_key=k, spatial_dims=3) for k in extra]
         extra_steps += [AsDiscreted(extra, threshold=0.5)]
     return ReadableErrorsCompose(
@@ -196,7 +218,7 @@ class _UnwrappedErrors(torch.utils.data.Dataset):
         try:
             return self.dataset[index]
         except RuntimeError as err:
-            root = _root_error(err)
+            root = root_error(err)
             if root is err:
                 raise
             raise root.with_traceback(None) from None

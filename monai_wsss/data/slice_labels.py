@@ -6,8 +6,9 @@ The file is CSV with the header ``case,slice,label``:
 
 - ``case``: the case name as the datalist gives it (BraTS folder name, CHAOS patient number, the stem of a single
   NIfTI file, or a datalist item's ``case``);
-- ``slice``: the 0-based slice index along the task's slice axis, or empty for every slice of the scan
-  (a scan-level label, e.g. ``control_07,,0`` for a healthy control);
+- ``slice``: the 0-based slice index along the task's slice axis once the scan is in the task's orientation
+  (``TaskPreset.orientation``; for a scan stored in it, the file's own index along that axis), or empty for every
+  slice of the scan (a scan-level label, e.g. ``control_07,,0`` for a healthy control);
 - ``label``: ``0`` (no target) or ``1`` (target present).
 
 Slices that no row names are unlabelled: they are not trained on and do not enter validation. A slice row
@@ -380,10 +381,13 @@ def labels_from_masks(items: Sequence[Mapping], task: str | TaskPreset = "brats"
     from monai_wsss.transforms.io import LoadVolumed
     from monai_wsss.transforms.weak_label import MapTargetLabelsd
 
+    from monai_wsss.data.slice_dataset import orientation_steps
+
     preset = get_task(task)
     load = Compose(
         [
             LoadVolumed("seg", channel=preset.image_channel),
+            *orientation_steps(["seg"], preset),
             MapTargetLabelsd("seg", target_labels=preset.target_labels, allowed_labels=preset.allowed_labels),
         ]
     )

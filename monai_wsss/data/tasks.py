@@ -172,6 +172,13 @@ class DatasetLayout:
         return self.list_cases(root, require_seg=require_seg, modality=modality or self.default_modality)
 
 
+def _valid_axcodes(codes: object) -> bool:
+    if not isinstance(codes, str) or len(codes) != 3:
+        return False
+    axes = [next((i for i, pair in enumerate(("LR", "PA", "IS")) if c in pair), None) for c in codes.upper()]
+    return None not in axes and sorted(axes) == [0, 1, 2]
+
+
 @dataclass(frozen=True)
 class TaskPreset:
     """
@@ -194,7 +201,13 @@ class TaskPreset:
         min_body_fraction: smallest non-zero (brain / body) fraction of a slice kept for training / evaluation.
         eval_min_fraction: at evaluation, drop slices whose target covers more than 0 but less than this
             fraction of the slice (the CDM paper's CHAOS protocol, 5 %); ``None``: keep them.
-        slice_axis: spatial axis of the slices (2: axial for BraTS / CHAOS NIfTI).
+        slice_axis: spatial axis of the slices, counted after reorientation to ``orientation`` (2: axial for
+            BraTS / CHAOS).
+        orientation: axis codes (nibabel / MONAI ``Orientationd`` convention, e.g. ``"LPS"``) every scan is
+            reoriented to after loading, for training, pseudo-masks and inference alike, so that a scan stored
+            in another axis order is sliced along the same anatomical axis; outputs are written back in the
+            scan's own order. The datasets' own orientation (their masks do not change); ``None``: slice the
+            array as stored.
         image_channel: channel kept from multi-channel images (Decathlon Task01: 0 = FLAIR).
         modality: the image the task is defined on, in words (e.g. ``"MRI FLAIR"``).
         layout: how its dataset folders are read (None: the task cannot read folders, only datalists).
@@ -220,6 +233,7 @@ class TaskPreset:
     min_body_fraction: float = 0.05
     eval_min_fraction: float | None = None
     slice_axis: int = 2
+    orientation: str | None = None
     image_channel: int = 0
     # descriptive fields: not in repr (the cache / run-folder fingerprint), equality or hash
     modality: str = field(default="", repr=False, compare=False)
@@ -231,6 +245,13 @@ class TaskPreset:
             raise ValueError(f"TaskPreset.name must be a non-empty string, got {self.name!r}.")
         if self.slice_axis not in (0, 1, 2):
             raise ValueError(f"TaskPreset.slice_axis must be a spatial axis 0, 1 or 2, got {self.slice_axis!r}.")
+        if self.orientation is not None and not _valid_axcodes(self.orientation):
+            raise ValueError(
+                f"TaskPreset.orientation must be three axis codes, one of L/R, P/A, I/S each (e.g. 'LPS'), "
+                f"got {self.orientation!r}."
+            )
+        if self.orientation is not None:
+            object.__setattr__(self, "orientation", self.orientation.upper())
         for method, defaults in self.method_defaults.items():
             if not isinstance(defaults, MethodDefaults):
                 raise ValueError(
@@ -298,6 +319,9 @@ TASKS: dict[str, TaskPreset] = {
     "brats": TaskPreset(
         name="brats",
         target_labels=None,
+        # BraTS 2018 NIfTI are stored LPS (nibabel codes; axis 2 axial): scans stored otherwise
+        # are flipped or permuted to match the training slices
+        orientation="LPS",
         allowed_labels=(0, 1, 2, 3, 4),
         modality="MRI FLAIR",
         layout=DatasetLayout(
@@ -322,6 +346,8 @@ TASKS: dict[str, TaskPreset] = {
         target_labels=(2, 3),
         allowed_labels=(0, 1, 2, 3, 4),
         eval_min_fraction=0.05,
+        # the CHAOS NIfTI conversion is stored LAS: axis 2 is axial
+        orientation="LAS",
         modality="MRI T2-SPIR",
         layout=DatasetLayout(
             "CHAOS NIfTI (image_<N>.nii.gz, label_<N>.nii.gz)",

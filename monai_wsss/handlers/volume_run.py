@@ -23,13 +23,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from monai.transforms import LoadImage
+from monai.transforms import LoadImage, Orientation
 from monai.utils import convert_to_tensor, min_version, optional_import
 
 from monai_wsss.apps.reports import VolumeEvaluation, save_overlay, write_csv, write_summary_markdown
-from monai_wsss.apps.run_folder import RunFolder
+from monai_wsss.apps.run_folder import FailedVolumesError, RunFolder
+from monai_wsss.data.fail_safe import FAILED_KEY
 from monai_wsss.data.tasks import MAP_THRESHOLD_MODES
-from monai_wsss.transforms import mask_of_map, otsu_thresholds
+from monai_wsss.transforms import axis_codes, mask_of_map, otsu_thresholds
 from monai_wsss.utils import write_text_atomic
 
 Events, _ = optional_import("ignite.engine", "0.4.11", min_version, "Events")
@@ -43,20 +44,43 @@ __all__ = ["DatasetThresholdHandler", "RunFolderHandler", "VolumeReportHandler",
 logger = logging.getLogger(__name__)
 
 
-def engine_items(engine: Engine) -> list[dict]:
+def engine_items(engine: Engine, failed: bool = False) -> list[dict]:
     """
     The items of the engine's last iteration, one dict per volume: the decollated batch and output merged (MONAI's
     postprocessing puts new keys, such as ``pred`` and the written paths, into the output and keeps the loaded
     keys, such as ``seg`` and ``case``, in the batch).
+
+    Args:
+        engine: the evaluator.
+        failed: return the failure records of volumes that could not be segmented
+            (:py:class:`~monai_wsss.engines.VolumeEvaluator`) instead of the segmented volumes.
     """
     batch, output = engine.state.batch, engine.state.output
     if isinstance(output, Mapping):
         batch, output = [batch], [output]
-    return [{**dict(b), **dict(o)} for b, o in zip(batch, output)]
+    items = [{**dict(b), **dict(o)} for b, o in zip(batch, output)]
+    return [it for it in items if bool(it.get(FAILED_KEY)) == failed]
 
 
-def _load_map(path: Path) -> torch.Tensor:
-    return convert_to_tensor(LoadImage(image_only=True, ensure_channel_first=True, dtype=np.float32)(str(path)))
+def _load_map(path: Path, like: Any = None) -> torch.Tensor:
+    """A written map or mask read back in the array order of ``like`` (the preprocessed image it was made from)."""
+    img = LoadImage(image_only=True, ensure_channel_first=True, dtype=np.float32)(str(path))
+    codes = axis_codes(getattr(like, "affine", None))
+    if codes is not None and codes != axis_codes(img.affine):  # written in the scan's own order, read canonical
+        img = Orientation(axcodes=codes, labels=None)(img)
+    return convert_to_tensor(img, track_meta=False)
+
+
+#: the columns of ``predictions.csv``, in order (a column no row has is left out)
+_PREDICTION_COLUMNS = (
+    "case", "image", "orientation", "map", "mask", "seconds", "mask_voxels", "threshold", "overlay", "error",
+)
+
+
+def _orientations(image: Any) -> tuple[str | None, str | None]:
+    """The axis codes of the scan as stored and as segmented (after the preprocessing's ``Orientationd``)."""
+    meta = getattr(image, "meta", None) or {}
+    return axis_codes(meta.get("original_affine")), axis_codes(getattr(image, "affine", None))
 
 
 def _finite(x: Any) -> Any:
@@ -75,13 +99,19 @@ class RunFolderHandler:
 
     Args:
         run_folder: the run's folder, made with every item of the run (``case``, ``image``, ``output_name``).
-        map_key: data key of the map (its written path under ``<map_key>_path``).
+        map_key: data key of the map (its written path under ``<map_key>_path``); ``None``: the run writes no map.
         mask_key: data key of the mask.
         threshold: the threshold reported in ``predictions.csv`` (a dataset-level threshold set by
             :py:class:`DatasetThresholdHandler` replaces it).
 
+    A volume that could not be segmented (a failure record of :py:class:`~monai_wsss.engines.VolumeEvaluator`) is
+    logged, recorded with its reason (``error`` in ``predictions.csv`` and ``failed`` in the manifest) and retried
+    by a rerun; the run ends with :py:class:`~monai_wsss.apps.FailedVolumesError` after every other volume is
+    written. The folder's lock is released when the run ends, however it ends.
+
     Raises:
         RuntimeError: at the end of the run, a map or mask of an item is missing or changed on disk.
+        FailedVolumesError: at the end of the run, some volumes could not be segmented.
 
     Example::
 
@@ -90,12 +120,18 @@ class RunFolderHandler:
     """
 
     def __init__(
-        self, run_folder: RunFolder, map_key: str = "pred", mask_key: str = "mask", threshold: str | float | None = None
+        self,
+        run_folder: RunFolder,
+        map_key: str | None = "pred",
+        mask_key: str = "mask",
+        threshold: str | float | None = None,
     ) -> None:
         self.folder = run_folder
         self.map_key = map_key
         self.mask_key = mask_key
         self.threshold = threshold
+        # the files every volume of the run ends with (no map with map_key=None)
+        self.names = tuple(name for key, name in ((map_key, "map"), (mask_key, "mask")) if key is not None)
         self._images = {str(it.get("case")): str(it.get("image", "")) for it in run_folder.items}
         self._started_at: float | None = None
         self._done = 0
@@ -105,13 +141,19 @@ class RunFolderHandler:
         engine.add_event_handler(Events.ITERATION_STARTED, self._iteration_started)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
         engine.add_event_handler(Events.COMPLETED, self.completed)
+        engine.add_event_handler(Events.EXCEPTION_RAISED, self.exception_raised)
+
+    def exception_raised(self, engine: Engine, err: BaseException) -> None:
+        """Release the folder (a rerun resumes it) and let the error end the run."""
+        self.folder.close()
+        raise err
 
     def started(self, engine: Engine | None = None) -> None:
         """Open the folder (refusing another run's) unless the caller already did."""
         if not self.folder.opened:
             self.folder.open()
         # volumes kept from an interrupted run count as done; the recorded rows say which (no file is re-read)
-        self._done = sum(1 for row in self.folder.rows() if "map" in row)
+        self._done = sum(1 for row in self.folder.rows() if any(name in row for name in self.names))
 
     def _iteration_started(self, engine: Engine) -> None:
         self._started_at = time.perf_counter()
@@ -121,13 +163,16 @@ class RunFolderHandler:
         items = engine_items(engine)
         for item in items:
             self.add(item, seconds=None if seconds is None else seconds / len(items))
+        for item in engine_items(engine, failed=True):
+            self.folder.fail(str(item["case"]), item[FAILED_KEY])
+            self._done += 1
 
     def add(self, item: Mapping, seconds: float | None = None) -> None:
         """Record the files of one volume (``<key>_path`` entries) and its row; called per volume by the handlers."""
         case = str(item["case"])
         values: dict[str, Any] = {}
         for key, name in ((self.map_key, "map"), (self.mask_key, "mask")):
-            path = item.get(f"{key}_path")
+            path = item.get(f"{key}_path") if key is not None else None
             if path:
                 self.folder.record(case, name, path)
                 values[name] = str(path)
@@ -135,30 +180,51 @@ class RunFolderHandler:
             values["mask_voxels"] = int(convert_to_tensor(item[self.mask_key]).sum())
         if seconds is not None:
             values["seconds"] = float(seconds)
+        values["error"] = None  # segmented now, whatever an earlier run said
         values["image"] = self._images.get(case, "")
+        stored, used = _orientations(item.get("image"))
+        if stored is not None:
+            values["orientation"] = stored
         self.folder.update_row(case, **values)
         if seconds is not None:
             self._done += 1
-            logger.info(f"{case}: map and mask written in {seconds:.1f} s ({self._done}/{len(self.folder.items)})")
+            turned = f"; stored {stored}, segmented as {used}" if stored != used else ""
+            logger.info(f"{case}: map and mask written in {seconds:.1f} s ({self._done}/{len(self.folder.items)}){turned}")
 
     def completed(self, engine: Engine | None = None) -> None:
-        """Check every result is on disk, write ``predictions.csv`` and mark the run finished."""
+        """
+        Check every result is on disk, write ``predictions.csv`` and mark the run finished.
+
+        Raises:
+            FailedVolumesError: some volumes could not be segmented (after every other one is written and listed).
+        """
         threshold = getattr(getattr(engine, "state", None), "dataset_threshold", None)
         threshold = self.threshold if threshold is None else threshold
+        failures = self.folder.failures()
         rows = []
         for item, row in zip(self.folder.items, self.folder.rows()):
             case = str(item["case"])
-            for name in ("map", "mask"):
-                if self.folder.recorded(case, name) is None:
-                    raise RuntimeError(f"{case}: the {name} is missing or changed on disk; rerun.")
-            row.setdefault("seconds", float("nan"))
-            row["threshold"] = threshold if isinstance(threshold, (int, float)) else "otsu per slice"
-            rows.append({k: row.get(k) for k in ("case", "image", "map", "mask", "seconds", "mask_voxels", "threshold", "overlay") if k in row})
+            row.setdefault("case", case)
+            row.setdefault("image", self._images.get(case, ""))
+            if case not in failures:
+                for name in self.names:
+                    if self.folder.recorded(case, name) is None:
+                        raise RuntimeError(f"{case}: the {name} is missing or changed on disk; rerun.")
+                row.setdefault("seconds", float("nan"))
+                row["threshold"] = threshold if isinstance(threshold, (int, float)) else "otsu per slice"
+            rows.append({k: row.get(k) for k in _PREDICTION_COLUMNS if k in row})
         path = write_csv(self.folder.path / "predictions.csv", rows)
         self.folder.record("_run", "predictions.csv", path)
         self.folder.finish()
         if engine is not None:
             engine.state.predictions = rows
+        if failures:
+            listed = "; ".join(f"{case} ({reason})" for case, reason in list(failures.items())[:3])
+            raise FailedVolumesError(
+                f"{len(failures)} of {len(rows)} volumes could not be segmented, the others were: {listed}"
+                f"{' ...' if len(failures) > 3 else ''}. Their rows in {path} say why; fix them and rerun the same "
+                "command to segment only those."
+            )
 
 
 class DatasetThresholdHandler:
@@ -239,13 +305,16 @@ class DatasetThresholdHandler:
         path = self.folder.recorded(str(item["case"]), "map")
         if path is None:
             raise RuntimeError(f"{item['case']}: the map is missing or changed on disk; rerun.")
-        data[self.map_key] = _load_map(path)
+        data[self.map_key] = _load_map(path, like=data[self.image_key])
         return data
 
     def _average_otsu(self) -> float:
         values = []
+        failed = self.folder.failures()
         for item in self.folder.items:
             case = str(item["case"])
+            if case in failed:
+                continue
             if case not in self._thresholds:  # a map kept from an interrupted run
                 data = self._item(item)
                 self._thresholds[case] = otsu_thresholds(data[self.map_key], data[self.image_key], self.slice_axis)
@@ -262,7 +331,10 @@ class DatasetThresholdHandler:
         """Threshold every map of the run; returns the threshold (the average Otsu value, ``"otsu"`` or the float)."""
         threshold = self._average_otsu() if self.threshold == "average_otsu" else self.threshold
 
+        failed = self.folder.failures()
         for item in self.folder.items:
+            if str(item["case"]) in failed:
+                continue
             data = self._item(item)
             data[self.mask_key] = mask_of_map(
                 data[self.map_key], data[self.image_key], threshold, self.slice_axis, self.largest_component
@@ -370,8 +442,8 @@ class VolumeReportHandler:
         """Score one volume's map (once) and mask (when present), and draw its overlay while overlays are due."""
         case = str(item["case"])
         seg = self._label(item)
-        if case not in self._mapped:
-            score = item.get(self.score_key, item.get(self.map_key))
+        score = item.get(self.score_key, item.get(self.map_key))
+        if case not in self._mapped and score is not None:
             self.evaluation.add_map(case, score, seg, body=item[self.image_key])
             self._mapped.add(case)
         if self.mask_key not in item:
@@ -394,16 +466,20 @@ class VolumeReportHandler:
         """Volumes of the run not computed by it (kept from an interrupted run): read back from the run folder."""
         if self.folder is None or self.preprocessing is None:
             return
+        failed = self.folder.failures()
         for item in self.folder.items:
             case = str(item["case"])
-            if case in self._masked:
+            if case in self._masked or case in failed:
                 continue
             data = self.preprocessing(dict(item))
             for key, name in ((self.map_key, "map"), (self.mask_key, "mask")):
                 path = self.folder.recorded(case, name)
+                if path is None and name == "map" and self.folder.recorded(case, "mask") is not None:
+                    logger.warning(f"{case}: kept from an interrupted run without a map; its pixel AUROC is left out")
+                    continue
                 if path is None:
                     raise RuntimeError(f"{case}: the {name} is missing or changed on disk; rerun.")
-                data[key] = _load_map(path)
+                data[key] = _load_map(path, like=data[self.image_key])
             self.add(data)
 
     def epoch_completed(self, engine: Engine | None = None) -> dict:
@@ -417,6 +493,9 @@ class VolumeReportHandler:
         summary["seconds_per_volume"] = float(np.nanmean(seconds)) if seconds else float("nan")
         if threshold is not None:
             summary["threshold"] = threshold
+        failed = self.folder.failures() if self.folder is not None else {}
+        summary["num_failed_volumes"] = len(failed)
+        notes = self.notes + [f"not scored, could not be segmented: {case} ({why})" for case, why in failed.items()]
         metric_rows = [
             {**self.evaluation.rows.get(str(r.get("case")), {}), "image": r.get("image"), "seconds": r.get("seconds")}
             for r in rows
@@ -426,7 +505,7 @@ class VolumeReportHandler:
             write_csv(self.output_dir / "metrics.csv", metric_rows),
             write_summary_markdown(
                 self.output_dir / "summary.md", {name: summary}, metric_rows, title=f"Segmentation results: {name}",
-                notes=self.notes,
+                notes=notes,
             ),
             write_text_atomic(
                 self.output_dir / "summary.json", json.dumps({k: _finite(v) for k, v in summary.items()}, indent=2)

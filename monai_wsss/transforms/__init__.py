@@ -5,7 +5,7 @@ from monai_wsss.transforms.intensity import (
     ScaleIntensityNonzeroPercentiles,
     ScaleIntensityNonzeroPercentilesd,
 )
-from monai_wsss.transforms.io import LoadVolumed, SaveVolumed
+from monai_wsss.transforms.io import LoadVolumed, SaveVolumed, axis_codes, in_source_orientation
 from monai_wsss.transforms.model_space import (
     IMAGE_INTERPOLATION,
     MODEL_INTENSITY_RANGE,
@@ -40,6 +40,8 @@ __all__ = [
     # preprocessing
     "LoadVolumed",
     "SaveVolumed",
+    "axis_codes",
+    "in_source_orientation",
     "MapTargetLabels",
     "MapTargetLabelsd",
     "ScaleIntensityNonzeroPercentiles",

@@ -13,12 +13,13 @@ from typing import Any
 
 import numpy as np
 from monai.config import DtypeLike, KeysCollection
-from monai.data import ImageReader, NibabelWriter
-from monai.transforms import LoadImage, MapTransform, SaveImage
+from monai.data import ImageReader, MetaTensor, NibabelWriter
+from monai.transforms import LoadImage, MapTransform, Orientation, SaveImage
+from nibabel.orientations import aff2axcodes
 
 from monai_wsss.utils.atomic_files import atomic_write
 
-__all__ = ["LoadVolumed", "SaveVolumed"]
+__all__ = ["LoadVolumed", "SaveVolumed", "axis_codes", "in_source_orientation"]
 
 logger = logging.getLogger(__name__)
 
@@ -102,12 +103,49 @@ class LoadVolumed(MapTransform):
         return d
 
 
+def axis_codes(affine: Any) -> str | None:
+    """
+    The orientation of an affine as three axis codes (nibabel's ``aff2axcodes``: the direction each array axis
+    points to, e.g. ``"LPS"``), or ``None`` for a degenerate affine.
+
+    Example::
+
+        >>> axis_codes(np.diag([-1.0, -1.0, 1.0, 1.0]))
+        'LPS'
+    """
+    if affine is None:
+        return None
+    codes = aff2axcodes(np.asarray(affine, dtype=np.float64))
+    return None if None in codes else "".join(codes)
+
+
+def in_source_orientation(img: Any) -> Any:
+    """
+    ``img`` in the axis order of the file it came from: a MetaTensor reoriented after loading (MONAI's
+    ``Orientationd``, a permutation and flips of the axes) is permuted and flipped back to the orientation of its
+    ``original_affine`` (set by ``LoadImage``), so its array order and affine are the source file's again. Anything
+    else (no metadata, same orientation, degenerate affine) is returned as is.
+
+    Example::
+
+        >>> # in_source_orientation(Orientation("LPS")(LoadImage(...)("scan_stored_PSL.nii.gz"))) -> array order PSL
+    """
+    if not isinstance(img, MetaTensor):
+        return img
+    source = axis_codes(img.meta.get("original_affine"))
+    if source is None or source == axis_codes(img.affine):
+        return img
+    return Orientation(axcodes=source, labels=None)(img)
+
+
 class SaveVolumed(MapTransform):
     """
     Write arrays as image files in their source's space (MONAI's :py:class:`monai.transforms.SaveImage`, so
     the affine of the MetaTensor is kept), each through :py:func:`atomic_write`: a killed run never leaves a
     truncated file under a final name. Trailing singleton dimensions are kept (``SaveImage`` drops them by
-    default, which writes a one-slice volume ``(H, W, 1)`` as a 2D image ``(H, W)``).
+    default, which writes a one-slice volume ``(H, W, 1)`` as a 2D image ``(H, W)``). An array reoriented after
+    loading (``Orientationd`` in the preprocessing) is written in its source file's own axis order and affine
+    (:py:func:`in_source_orientation`), so outputs overlay their scan voxel for voxel.
 
     The file is ``<stem>_<postfix><output_ext>`` in ``output_dir``, where ``<stem>`` is the data's ``name_key``
     entry when present (a name unique within a run, see :py:func:`~monai_wsss.apps.run_folder.unique_output_stems`),
@@ -123,6 +161,8 @@ class SaveVolumed(MapTransform):
         mode: interpolation when resampling (``"nearest"`` for masks).
         name_key: data key holding the output stem.
         separate_folder: write into ``output_dir/<stem>/`` (``SaveImage``'s layout).
+        source_orientation: write in the source file's axis order (see above); ``False`` writes the array as
+            it is, with its current affine (the same image in world space).
         allow_missing_keys: skip missing keys.
 
     Raises:
@@ -145,10 +185,12 @@ class SaveVolumed(MapTransform):
         mode: str = "nearest",
         name_key: str | None = "output_name",
         separate_folder: bool = False,
+        source_orientation: bool = True,
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.output_dir = Path(output_dir)
+        self.source_orientation = bool(source_orientation)
         self.output_postfix = output_postfix
         self.output_ext = output_ext
         self.name_key = name_key
@@ -192,7 +234,7 @@ class SaveVolumed(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             final = self.output_path(d, key)
-            img = d[key]
+            img = in_source_orientation(d[key]) if self.source_orientation and not self.resample else d[key]
             with atomic_write(final) as tmp:
                 if img.shape[0] == 1 and not self.resample and self.output_ext in (".nii", ".nii.gz"):
                     self._write_one_channel_nifti(img, tmp)
