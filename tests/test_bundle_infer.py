@@ -453,3 +453,27 @@ def test_preprocessing_inferer_postprocessing_make_the_workflows_mask_as_monai_l
     np.testing.assert_array_equal(
         np.asarray(nib.load(out["mask_path"]).dataobj), np.asarray(nib.load(result["rows"][0]["mask"]).dataobj)
     )
+
+
+@pytest.mark.slow
+def test_two_process_inference_shards_the_scans_and_shares_one_threshold(env, tmp_path):
+    """multi_gpu_inference.json under torchrun (2 CPU processes, gloo): each rank segments its share of the scans
+    into <output_dir>/rank<k>/, and the dataset-level average Otsu threshold is that of the whole dataset."""
+    single = run_bundle(env, "inference.json", method="threshold", dataset_dir=str(env["brats"]),
+                        output_dir=str(tmp_path / "single"), spatial_size=[SIZE, SIZE])
+    configs = [str(BUNDLES["brats"] / "configs" / f) for f in
+               ("inference.json", "inference_threshold.json", "multi_gpu_inference.json")]
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "monai.bundle",
+        "run", "--config_file", str(configs), "--dataset_dir", str(env["brats"]), "--output_dir", str(tmp_path / "multi"),
+        "--progress", "false", "--spatial_size", repr([SIZE, SIZE]),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shards = [read_csv(tmp_path / "multi" / f"rank{k}" / "predictions.csv") for k in (0, 1)]
+    cases = [r["case"] for rows in shards for r in rows]
+    assert all(shards) and sorted(cases) == sorted(r["case"] for r in single["rows"])
+    for rows in shards:
+        for row in rows:
+            assert float(row["threshold"]) == pytest.approx(single["threshold"], abs=1e-6)
+            assert_input_space(next(it["image"] for it in env["items"] if it["case"] == row["case"]), row["mask"])

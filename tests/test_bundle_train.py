@@ -36,7 +36,8 @@ SCHEMA = REPO / "bundles" / "schema" / "meta_schema_monai_wsss.json"
 TRAIN_CONFIGS = ("train_diffusion.json", "train_classifier.json")
 REQUIRED_FILES = (
     "configs/metadata.json", "configs/inference.json", "configs/evaluate.json", "configs/train.json",
-    "configs/train_diffusion.json", "configs/train_classifier.json", "configs/multi_gpu_train.json", "configs/logging.conf",
+    "configs/train_diffusion.json", "configs/train_classifier.json", "configs/multi_gpu_train.json",
+    "configs/multi_gpu_inference.json", "configs/logging.conf",
     "LICENSE", "docs/README.md", "docs/data_license.txt",
 )
 # a few iterations at 32 x 32 with a 2-step CDM validation on a handful of slices

@@ -238,6 +238,8 @@ class DatasetThresholdHandler:
     ``engine.state.dataset_threshold``.
 
     Maps kept from an interrupted run are read back from the run folder, so a resumed run gets the same threshold.
+    Run in several processes (``torch.distributed`` initialised, each with its shard of the scans), the per-slice
+    values of every process are gathered first, so the threshold is that of the whole dataset.
 
     Args:
         run_folder: the run's folder (its items and recorded maps).
@@ -320,6 +322,11 @@ class DatasetThresholdHandler:
                 self._thresholds[case] = otsu_thresholds(data[self.map_key], data[self.image_key], self.slice_axis)
             values.append(self._thresholds[case])
         flat = np.concatenate(values) if values else np.zeros(0)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # one threshold over the whole dataset, however it is sharded over processes (multi_gpu_inference.json)
+            shards: list = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(shards, flat)
+            flat = np.concatenate(shards)
         flat = flat[~np.isnan(flat)]
         if flat.size == 0:
             raise ValueError("threshold='average_otsu': no map has contrast inside the body; threshold undefined.")
