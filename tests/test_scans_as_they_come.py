@@ -37,9 +37,10 @@ def cases(tmp_path_factory):
 
 def run_segmenter(output_dir, method: str = "segmenter", **overrides) -> ConfigWorkflow:
     """The bundle's inference.json (and a method override) as `monai.bundle run` runs it, with small components."""
+    overrides = {"progress": False, "min_component_size": 5, **overrides}
     workflow = ConfigWorkflow(
         config_file=method_config_files(BUNDLES["brats"], method), logging_file=False, workflow_type="infer",
-        output_dir=str(output_dir), progress=False, min_component_size=5, **overrides,
+        output_dir=str(output_dir), **overrides,
     )
     workflow.initialize()
     workflow.run()
@@ -284,3 +285,10 @@ def test_a_rerun_with_every_map_written_still_makes_the_masks(cases, tmp_path):
     again = run_segmenter(out, method="threshold", image=cases[0]["image"], spatial_size=[16, 16])
     assert len(again.evaluator.data_loader.dataset) == 0
     assert mask.is_file() and len(read_csv(out / "predictions.csv")) == 1
+
+
+def test_a_component_size_no_component_can_reach_is_refused_before_any_compute(cases, tmp_path):
+    with pytest.raises(RuntimeError) as err:
+        run_segmenter(tmp_path / "out", image=cases[0]["image"], min_component_size=int(np.prod(SHAPE)))
+    assert "--min_component_size" in str(root_error(err.value)) and "voxels" in str(root_error(err.value))
+    assert not (tmp_path / "out").exists()  # refused before the run folder was even opened

@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import torch
 
 from monai_wsss.bundle.options import config_files_from_argv
 from monai_wsss.data import TaskPreset, get_task, load_datalist
 
-__all__ = ["list_volumes", "locate_bundle_root", "load_weights"]
+__all__ = ["check_component_size", "list_volumes", "locate_bundle_root", "load_weights"]
 
 _NIFTI = (".nii.gz", ".nii")
 
@@ -133,6 +135,44 @@ def list_volumes(
                 f"{' ...' if len(missing) > 5 else ''} (pass --seg for a single image, or use inference.json)."
             )
     return items
+
+
+def check_component_size(items: Sequence[Mapping], min_component_size: int) -> int:
+    """
+    Refuse, before any compute, a ``min_component_size`` that no component of some scan can reach: one at least
+    as large as a scan's voxel count would empty its mask. The sizes come from the NIfTI headers (nothing is read
+    beyond them); scans in other formats (DICOM series) are checked when they are segmented, not here.
+
+    Args:
+        items: the run's items with ``image`` paths.
+        min_component_size: the option's value (voxels).
+
+    Returns:
+        ``min_component_size``.
+
+    Raises:
+        ValueError: naming the option, its value and the smallest scan.
+
+    Example::
+
+        "min_size": "$monai_wsss.apps.check_component_size(@run_items, @min_component_size)"
+    """
+    size = int(min_component_size)
+    smallest: tuple[int, str] | None = None
+    for item in items:
+        path = str(item.get("image", ""))
+        if not path.endswith((".nii", ".nii.gz")) or not os.path.isfile(path):
+            continue
+        shape = nib.load(path).shape[:3]
+        voxels = int(np.prod(shape))
+        if smallest is None or voxels < smallest[0]:
+            smallest = (voxels, path)
+    if smallest is not None and size >= smallest[0]:
+        raise ValueError(
+            f"--min_component_size {size}: {smallest[1]} has only {smallest[0]} voxels, so every mask component would "
+            "be dropped; use a smaller value (0 keeps every component)."
+        )
+    return size
 
 
 def _config_file_from_argv(argv: Sequence[str]) -> Path | None:
