@@ -292,3 +292,21 @@ def test_a_component_size_no_component_can_reach_is_refused_before_any_compute(c
         run_segmenter(tmp_path / "out", image=cases[0]["image"], min_component_size=int(np.prod(SHAPE)))
     assert "--min_component_size" in str(root_error(err.value)) and "voxels" in str(root_error(err.value))
     assert not (tmp_path / "out").exists()  # refused before the run folder was even opened
+
+
+def test_precision_says_what_it_chose_and_why(caplog, monkeypatch):
+    import monai_wsss.networks.precision as precision
+
+    net = torch.nn.Conv2d(1, 1, 3)
+    for native, expected, level in ((False, "runs in float32", "INFO"), (True, "bfloat16 autocast", "INFO")):
+        monkeypatch.setattr(precision, "native_bfloat16", lambda device, native=native: native)
+        caplog.clear()
+        with caplog.at_level("INFO", logger="monai_wsss.networks.precision"):
+            out = precision.with_precision(net, "auto")
+        assert isinstance(out, precision.AutocastNetwork) == native
+        assert [(r.levelname, expected in r.getMessage()) for r in caplog.records] == [(level, True)]
+    monkeypatch.setattr(precision, "native_bfloat16", lambda device: False)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="monai_wsss.networks.precision"):
+        precision.with_precision(torch.nn.Conv2d(1, 1, 3), "bfloat16")
+    assert [r.levelname for r in caplog.records] == ["WARNING"] and "emulated" in caplog.records[0].getMessage()

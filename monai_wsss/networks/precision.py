@@ -3,10 +3,14 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
 __all__ = ["PRECISIONS", "AutocastNetwork", "native_bfloat16", "with_precision"]
+
+logger = logging.getLogger(__name__)
 
 #: values of the bundles' ``precision`` option
 PRECISIONS = ("float32", "bfloat16", "auto")
@@ -76,7 +80,8 @@ def with_precision(network: nn.Module | None, precision: str = "float32") -> nn.
     """
     ``network`` as it should run at ``precision``: itself for ``"float32"`` (or ``None``), wrapped in
     :py:class:`AutocastNetwork` for ``"bfloat16"``, and for ``"auto"`` wrapped only where its device computes
-    bfloat16 natively (:py:func:`native_bfloat16`).
+    bfloat16 natively (:py:func:`native_bfloat16`). ``"auto"`` logs what it chose and why; ``"bfloat16"`` on a
+    device without native bfloat16 warns that it will be slow.
 
     Args:
         network: a network in eval mode, or ``None`` (returned as is).
@@ -93,8 +98,21 @@ def with_precision(network: nn.Module | None, precision: str = "float32") -> nn.
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}.")
     if network is None or precision == "float32" or isinstance(network, AutocastNetwork):
         return network
+    param = next(network.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    native = param is not None and native_bfloat16(device)
+    name = type(network).__name__
+    if precision == "auto" and not native:
+        logger.info(
+            f"precision auto: {name} runs in float32: {device} has no native bfloat16 (AVX512-BF16 or AMX on a CPU, "
+            "bf16 support on CUDA), where bfloat16 would be emulated and slower"
+        )
+        return network
     if precision == "auto":
-        param = next(network.parameters(), None)
-        if param is None or not native_bfloat16(param.device):
-            return network
+        logger.info(f"precision auto: {name} runs under bfloat16 autocast: {device} computes bfloat16 natively")
+    elif not native:
+        logger.warning(
+            f"precision bfloat16: {device} has no native bfloat16, so {name} runs emulated bfloat16, usually slower "
+            "than float32; pass --precision auto or float32"
+        )
     return AutocastNetwork(network)
