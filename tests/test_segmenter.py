@@ -328,3 +328,26 @@ def test_train_segmentation_then_evaluate_with_gate_and_components(cases, tmp_pa
     assert settings[0]["pipeline"]["inferer"]["class"] == "SegmentationProbabilityInferer"
     round2_masks = sorted((round2 / "outputs" / "pseudo_masks").rglob("*_pseudo.nii.gz"))
     assert len(round2_masks) == len(pseudo) and (round2 / "models" / "model.pt").exists()
+
+
+def test_the_fully_supervised_ceiling_trains_on_the_target_masks_beside_the_weak_model(cases, tmp_path):
+    """train_fully_supervised.json: the same network and recipe on the training scans' true target masks (the
+    "fully supervised" row of the tables), written to its own folder so the weak model is never replaced."""
+    from monai_wsss.apps import write_target_masks
+
+    dataset = str(Path(cases[0]["image"]).parents[1])
+    fast = {"max_epochs": 1, "epoch_length": 2, "batch_size": 4, "val_batch_size": 16, "progress_bar": False,
+            "segmenter_spatial_size": [SIZE, SIZE], "spatial_size": [SIZE, SIZE], "val_fraction": 0.2,
+            "test_fraction": 0.2}
+    configs = [str(BUNDLES["brats"] / "configs" / n) for n in ("train.json", "train_fully_supervised.json")]
+    run(config_file=configs, bundle_root=str(tmp_path), dataset_dir=dataset, **fast, **TINY_SEGMENTER)
+    out = tmp_path / "outputs" / "train_fully_supervised"
+    assert (out / "models" / "model.pt").is_file() and not (tmp_path / "models").exists()
+    training = json.loads((out / "datalist.json").read_text())["training"]
+    masks = sorted((tmp_path / "outputs" / "pseudo_masks" / "brats_target_masks").glob("*_pseudo.nii.gz"))
+    assert len(masks) == len(training)
+    for item in training:  # the whole tumour (labels 1, 2, 4) of each training scan, nothing else
+        mask = np.asarray(nib.load(str(masks[0].parent / f"{item['case']}_pseudo.nii.gz")).dataobj)
+        np.testing.assert_array_equal(mask, (np.asarray(nib.load(item["seg"]).dataobj) > 0).astype(np.uint8))
+    with pytest.raises(ValueError, match="'case' and 'seg'"):
+        write_target_masks([{"case": "x", "image": cases[0]["image"]}], "brats", tmp_path)

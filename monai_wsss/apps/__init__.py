@@ -16,7 +16,7 @@ from monai_wsss.apps.methods import (
     method_defaults,
 )
 from monai_wsss.apps.pipeline import THRESHOLD_MODES, VolumeSegmentationPipeline
-from monai_wsss.apps.pseudo_masks import PseudoMaskGenerator
+from monai_wsss.apps.pseudo_masks import PseudoMaskGenerator, write_target_masks
 from monai_wsss.apps.run_folder import (
     MANIFEST_NAME,
     RunFolder,
@@ -66,6 +66,7 @@ __all__ = [
     "save_overlay",
     "select_overlay_slices",
     "unique_output_stems",
+    "write_target_masks",
     "write_csv",
     "write_summary_markdown",
 ]

@@ -244,19 +244,24 @@ class VolumeSegmentationPipeline:
             raise ValueError("this pipeline has no slice gate (slice_gate=None).")
         return self.gate.keep(image)
 
-    def segment(self, item: Mapping | str | os.PathLike, threshold: str | float | None = None) -> dict:
+    def segment(
+        self, item: Mapping | str | os.PathLike, threshold: str | float | None = None, source_space: bool = True
+    ) -> dict:
         """
         Segment one volume.
 
         Args:
             item: ``{"image": path[, "seg": path, "case": id]}`` or an image path.
             threshold: override of the pipeline's ``threshold`` (``"otsu"`` or a float).
+            source_space: return the arrays in the input's own array order; ``False`` leaves them in the task's
+                orientation (``TaskPreset.orientation``), where slice ``i`` along the slice axis is slice ``i`` of
+                a labels file (``SaveVolumed`` still writes them in the input's order).
 
         Returns:
             the loaded data (``image`` normalised, ``seg`` when given) with ``raw_map`` (the method's output),
             ``map`` (normalised, ``[0, 1]``) and ``mask`` (0/1), all ``(1, H, W, D)`` MetaTensors in the input's
-            space (its own array order and affine, also when the task reoriented it to slice it), and ``seconds``
-            (map computation time).
+            space (its own array order and affine, also when the task reoriented it to slice it; see
+            ``source_space``), and ``seconds`` (map computation time).
         """
         self.check_threshold(threshold)
         data = self.load(item)
@@ -267,7 +272,7 @@ class VolumeSegmentationPipeline:
         data["mask"] = self.binarize(data["map"], data["image"], threshold)
         keys = [k for k in ("raw_map", "map", "mask") if k in data]
         data = CopyMetaFromd(keys, source_key="image")(data)
-        for key in ["image", "seg", *keys]:
+        for key in ["image", "seg", *keys] if source_space else []:
             if key in data:
                 data[key] = in_source_orientation(data[key])
         return data

@@ -20,19 +20,21 @@ from pathlib import Path
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.transforms import FillHoles
+from monai.transforms import Compose, FillHoles
 from monai.utils import convert_to_tensor, optional_import
 
 from monai_wsss.apps.pipeline import VolumeSegmentationPipeline
 from monai_wsss.data.slice_labels import SliceLabels, mask_slice_labels
+from monai_wsss.data.tasks import TaskPreset, get_task
+from monai_wsss.transforms.weak_label import MapTargetLabelsd
 from monai_wsss.inferers.threshold import masked_percentile
-from monai_wsss.transforms.io import SaveVolumed
+from monai_wsss.transforms.io import LoadVolumed, SaveVolumed
 from monai_wsss.utils.atomic_files import write_text_atomic
 from monai_wsss.transforms.slicing import slice_foreground_fraction
 
 tqdm, has_tqdm = optional_import("tqdm", name="tqdm")
 
-__all__ = ["PseudoMaskGenerator"]
+__all__ = ["PseudoMaskGenerator", "write_target_masks"]
 
 logger = logging.getLogger(__name__)
 
@@ -172,7 +174,8 @@ class PseudoMaskGenerator:
             item: ``{"image": path, "case": id[, "seg": path]}`` (``seg`` only without ``labels``).
 
         Returns:
-            the pipeline's loaded data with ``pseudo`` (uint8 ``(1, H, W, D)`` MetaTensor in the image's space) and
+            the pipeline's loaded data with ``pseudo`` (uint8 ``(1, H, W, D)``, in the task's orientation like the
+            loaded image; :py:meth:`generate` writes it in the image's own array order and affine) and
             ``slice_label`` (int64 ``(n_slices,)``: 0, 1, -1 unlabelled).
 
         Raises:
@@ -184,7 +187,10 @@ class PseudoMaskGenerator:
             raise ValueError(
                 f"case {case}: no slice labels and no pixel mask ('seg') to derive them from: pass --labels labels.csv."
             )
-        data = self.pipeline.segment(item if self.labels is None else {k: v for k, v in item.items() if k != "seg"})
+        # in the task's orientation, where the labels' slice indices count (the saved mask goes back to the scan's)
+        data = self.pipeline.segment(
+            item if self.labels is None else {k: v for k, v in item.items() if k != "seg"}, source_space=False
+        )
         values = self.slice_labels(data, case)
         not_negative = values != 0  # unlabelled slices keep the source's mask; training leaves them out
         axis = self.preset.slice_axis
@@ -255,3 +261,47 @@ class PseudoMaskGenerator:
         for item, path in todo:
             out.append({**dict(item), "pseudo": str(path)})
         return out
+
+
+def write_target_masks(
+    items: Sequence[Mapping], task: str | TaskPreset, output_dir: str | os.PathLike
+) -> list[dict]:
+    """
+    The task's target masks of ``items`` (their ``seg`` mapped to 0/1 by the task's labels, e.g. CHAOS kidneys
+    2 and 3) written as ``pseudo`` masks: what the second stage trains on for the **fully supervised** ceiling row
+    (the same network and recipe on pixel labels), never for a weakly supervised model. Masks already written are
+    reused.
+
+    Args:
+        items: datalist items with ``case`` and ``seg``.
+        task: task name or preset.
+        output_dir: folder; the masks go to ``output_dir/<task>_target_masks/<case>_pseudo.nii.gz``.
+
+    Returns:
+        copies of the items with ``"pseudo"``: the mask path.
+
+    Raises:
+        ValueError: an item without ``case`` or ``seg``; the errors of loading a mask (naming the file).
+
+    Example::
+
+        "pseudo_items": "$monai_wsss.apps.write_target_masks(@splits['training'], @task, @pseudo_dir)"
+    """
+    preset = get_task(task)
+    folder = Path(output_dir) / f"{preset.name}_target_masks"
+    load = Compose([
+        LoadVolumed("seg", channel=preset.image_channel),
+        MapTargetLabelsd("seg", target_labels=preset.target_labels, allowed_labels=preset.allowed_labels),
+    ])
+    saver = SaveVolumed("pseudo", folder, output_dtype=np.uint8, name_key="case")
+    out = []
+    for i, item in enumerate(items):
+        if not item.get("case") or not item.get("seg"):
+            raise ValueError(f"item {i}: the fully supervised ceiling needs 'case' and 'seg', got keys {list(item)}.")
+        path = saver.output_path({"case": str(item["case"])}, "pseudo")
+        if not path.exists():
+            seg = load({"seg": item["seg"]})["seg"]
+            saver({"pseudo": seg.to(torch.uint8), "case": str(item["case"])})
+        out.append({**dict(item), "pseudo": str(path)})
+    logger.info(f"fully supervised ceiling: target masks of {len(out)} volumes in {folder}")
+    return out
