@@ -129,3 +129,27 @@ def test_paired_medians_alternates_and_checks_arguments():
         ratio_table({"a": 1.0}, "c")
     info = cpu_info()
     assert info["model"] and isinstance(info["flags"], list) and info["threads"] >= 1
+
+
+def test_paths_benchmark_checks_results_and_arguments(tmp_path):
+    from monai_wsss.benchmark import paths
+
+    nets = paths.build_variants("classifier", size=16)
+    assert set(nets) == set(paths.VARIANTS)
+    ref = nets["before"].state_dict()
+    for name, net in nets.items():  # same weights in every variant; only the layout / attention kernel differ
+        assert all(torch.equal(v, ref[k]) for k, v in net.state_dict().items()), name
+    assert any(not p.is_contiguous() for p in nets["after"].parameters())
+    assert all(p.is_contiguous() for p in nets["before"].parameters())
+    result = paths.run_paths_benchmark(parts=("guidance",), cdm_batches=(1,), repeats=1, size=16)
+    part = result["parts"]["guidance_batch2"]
+    assert set(part["speedup"]) == set(paths.VARIANTS) and max(part["grad_max_rel_diff"].values()) < paths.GRAD_TOLERANCE
+    x, y = paths.synthetic_batch(4, 16, torch.Generator().manual_seed(0))
+    assert x.shape == (4, 1, 16, 16) and x.min() >= -1 and x.max() <= 1 and set(y.tolist()) <= {0, 1}
+    with pytest.raises(ValueError, match="parts must be among"):
+        paths.run_paths_benchmark(parts=("cdm", "gpu"))
+    with pytest.raises(ValueError, match="kind must be"):
+        paths.build_variants("segmenter")
+    for bad in (["--parts", "cdm,gpu"], ["--cdm_batches", "8,x"], ["--repeats", "0"], ["--iterations", "1"]):
+        with pytest.raises(SystemExit):
+            paths.main(["--out_dir", str(tmp_path)] + bad)

@@ -5,7 +5,12 @@ timed with the fast paths off ("before": contiguous float32, MONAI's einsum atte
 ("channels_last", "fused_attention") and both ("after", the default), paired in one process
 (:py:func:`monai_wsss.benchmark.paired.paired_medians`), with the results checked against "before".
 
-    python -m monai_wsss.benchmark paths --out_dir outputs/paths [--parts cdm,guidance,train] [--repeats 9]
+    python -m monai_wsss.benchmark paths --out_dir outputs/paths [--parts cdm,guidance,train,curve] [--repeats 9]
+
+``curve`` trains the diffusion U-Net "before" and "after" from the same weights on the same batches (synthetic
+64 x 64 slices: a smooth background, a bright disc on class-1 slices) for ``--iterations`` AdamW steps, one step of
+each in turn, and reports both loss curves and the median time per iteration: the training speed-up with the
+evidence that it trains the same.
 
 Networks are the bundles' sizes (:py:data:`monai_wsss.benchmark.speed.UNET_DEFAULTS`, the default
 ``NoisyClassifier``) with random weights (timing does not depend on their values).
@@ -14,7 +19,9 @@ Networks are the bundles' sizes (:py:data:`monai_wsss.benchmark.speed.UNET_DEFAU
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
+import time
 
 import torch
 from monai.networks.schedulers import DDIMScheduler
@@ -27,7 +34,7 @@ from monai_wsss.networks import to_memory_format
 from monai_wsss.networks.nets import ConditionalDiffusionUNet, NoisyClassifier
 from monai_wsss.utils import reuse_freed_memory
 
-__all__ = ["VARIANTS", "PARTS", "MAP_TOLERANCE", "build_variants", "run_paths_benchmark", "main"]
+__all__ = ["VARIANTS", "PARTS", "MAP_TOLERANCE", "build_variants", "loss_curves", "run_paths_benchmark", "synthetic_batch", "main"]
 
 #: variant -> (memory format, fused attention)
 VARIANTS = {
@@ -36,7 +43,7 @@ VARIANTS = {
     "fused_attention": ("contiguous", True),
     "after": ("channels_last", True),
 }
-PARTS = ("cdm", "guidance", "train")
+PARTS = ("cdm", "guidance", "train", "curve")
 #: largest allowed |map - before map| (float32 rounding, amplified by 1 / (1 - tau) = 20 and R steps)
 MAP_TOLERANCE = 1e-3
 #: largest allowed |gradient - before gradient| relative to the gradient's largest magnitude
@@ -85,6 +92,7 @@ def run_paths_benchmark(
     noise_level: int = 100,
     num_steps: int = 10,
     tau: float = 0.95,
+    iterations: int = 50,
 ) -> dict:
     """
     Time the parts and check every variant's result against "before".
@@ -168,7 +176,63 @@ def run_paths_benchmark(
             fns = {k: (lambda n=n, o=torch.optim.AdamW(n.parameters(), lr=2e-4): step(n, o)) for k, n in nets.items()}
             med = paired_medians(fns, repeats)
             record(f"train_{kind}_batch{train_batch}", med, 1)
+    if "curve" in parts:
+        result["parts"][f"curve_batch{train_batch}"] = loss_curves(iterations, train_batch, size)
     return result
+
+
+def synthetic_batch(batch: int, size: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``batch`` slices in [-1, 1] and their labels: a smooth random background, a bright disc where label 1."""
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
+    labels = torch.randint(0, 2, (batch,), generator=gen)
+    coef = torch.rand(batch, 3, generator=gen) - 0.5
+    img = 0.2 + coef[:, :1, None] * xx + coef[:, 1:2, None] * yy + 0.1 * coef[:, 2:, None] * xx * yy
+    centre = torch.rand(batch, 2, generator=gen) - 0.5
+    radius = 0.15 + 0.2 * torch.rand(batch, generator=gen)
+    disc = ((xx - centre[:, 0, None, None]) ** 2 + (yy - centre[:, 1, None, None]) ** 2) < radius[:, None, None] ** 2
+    img = img + 0.6 * (disc & (labels[:, None, None] == 1))
+    return (img.clamp(0, 1) * 2 - 1)[:, None], labels
+
+
+def loss_curves(iterations: int = 50, batch: int = 16, size: int = 64, lr: float = 2e-4) -> dict:
+    """
+    Train "before" and "after" U-Nets from the same weights on the same batches, noise and timesteps (eps-MSE,
+    AdamW, as ``train_diffusion.json``), one iteration of each in turn.
+
+    Returns:
+        ``{"losses": {variant: [...]}, "seconds": {variant: median s / iteration}, "speedup", "max_abs_loss_diff",
+        "mean_last10": {variant: ...}}``.
+    """
+    from monai.networks.schedulers import DDPMScheduler
+
+    sched = DDPMScheduler(num_train_timesteps=1000, schedule="linear_beta", beta_start=0.0001, beta_end=0.02, clip_sample=False)
+    nets = {k: v for k, v in build_variants("unet", size, train=True).items() if k in ("before", "after")}
+    opts = {k: torch.optim.AdamW(n.parameters(), lr=lr, weight_decay=0.0) for k, n in nets.items()}
+    gen = torch.Generator().manual_seed(0)
+    losses: dict[str, list[float]] = {k: [] for k in nets}
+    times: dict[str, list[float]] = {k: [] for k in nets}
+    for _ in range(iterations):
+        x0, y = synthetic_batch(batch, size, gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, 1000, (batch,), generator=gen)
+        xt = sched.add_noise(original_samples=x0, noise=noise, timesteps=t)
+        for k, net in nets.items():
+            start = time.perf_counter()
+            opts[k].zero_grad(set_to_none=True)
+            loss = torch.nn.functional.mse_loss(net(xt, t, class_labels=y), noise)
+            loss.backward()
+            opts[k].step()
+            times[k].append(time.perf_counter() - start)
+            losses[k].append(float(loss))
+    sec = {k: statistics.median(v[1:] if len(v) > 1 else v) for k, v in times.items()}  # first iteration warms up
+    return {
+        "iterations": iterations,
+        "losses": losses,
+        "seconds": sec,
+        "speedup": {k: sec["before"] / v for k, v in sec.items()},
+        "max_abs_loss_diff": max(abs(a - b) for a, b in zip(losses["before"], losses["after"])),
+        "mean_last10": {k: statistics.fmean(v[-10:]) for k, v in losses.items()},
+    }
 
 
 def to_markdown(result: dict) -> str:
@@ -179,6 +243,13 @@ def to_markdown(result: dict) -> str:
         f"median of {result['repeats']} paired repeats; settings {result['settings']}.",
     ]
     for part, r in result["parts"].items():
+        if part.startswith("curve"):
+            lines += ["", f"**{part}** ({r['iterations']} iterations, same weights, batches, noise and timesteps)", "",
+                      "| variant | s / iteration | x faster than before | mean loss, last 10 |", "|---|---|---|---|"]
+            for name, sec in r["seconds"].items():
+                lines.append(f"| {name} | {sec:.3f} | {r['speedup'][name]:.2f} | {r['mean_last10'][name]:.4f} |")
+            lines.append(f"\nlargest |loss after - loss before| over the run: {r['max_abs_loss_diff']:.1e}")
+            continue
         per_slice = not part.startswith("train")
         lines += ["", f"**{part}**", "", f"| variant | {'s / slice' if per_slice else 's / step'} | x faster than before |", "|---|---|---|"]
         for name, sec in r["seconds_per_slice" if per_slice else "seconds"].items():
@@ -199,6 +270,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--cdm_batches", default="8,16")
     parser.add_argument("--train_batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--iterations", type=int, default=50, help="training iterations of the curve part")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (0: leave torch's choice)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     parts = tuple(p for p in args.parts.split(",") if p)
@@ -213,7 +285,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     reuse_freed_memory()
-    result = run_paths_benchmark(parts, batches, args.train_batch, args.repeats)
+    if args.iterations < 2:
+        parser.error(f"--iterations must be >= 2, got {args.iterations}")
+    result = run_paths_benchmark(parts, batches, args.train_batch, args.repeats, iterations=args.iterations)
     write_result(args.out_dir, "paths", result, to_markdown(result))
     return result
 
