@@ -6,7 +6,8 @@ from monai.networks.nets import DiffusionModelUNet
 
 from conftest import TINY_UNET, perturb, tiny_classifier, tiny_unet
 from monai_wsss.apps.run_folder import state_dict_checksum
-from monai_wsss.networks import AutocastNetwork, native_bfloat16, with_precision
+from monai_wsss.inferers._ddim import classifier_log_prob_grad
+from monai_wsss.networks import AutocastNetwork, native_bfloat16, to_memory_format, with_precision
 from monai_wsss.networks.nets import ConditionalDiffusionUNet, NoisyClassifier
 
 X = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
@@ -184,3 +185,125 @@ def test_with_precision_choices_and_errors():
         with_precision(net, "half")
     with pytest.raises(TypeError, match="torch.nn.Module"):
         AutocastNetwork(lambda x: x)
+
+
+# ---- memory format and attention kernel (speed paths; speed itself is measured by python -m monai_wsss.benchmark paths)
+# float32 tolerance of the fast paths: same arithmetic in another summation order
+FAST_PATH_ATOL = 1e-5
+
+
+def test_channels_last_keeps_outputs_and_plain_state_dict(tmp_path):
+    reference = tiny_unet()
+    net = tiny_unet()
+    x, t, y = torch.randn(3, 1, 16, 16), torch.tensor([5, 300, 900]), torch.tensor([1, 0, 1])
+    with torch.no_grad():
+        expected = reference(x, t, class_labels=y)
+    assert expected.abs().max() > 1e-3
+    assert to_memory_format(net, "channels_last") is net
+    weights4d = [p for p in net.parameters() if p.ndim == 4 and p.shape[1] > 1 and p.shape[2] > 1]  # not 1x1 or 1-channel
+    assert weights4d and all(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous() for p in weights4d)
+    with torch.no_grad():
+        out = net(x, t, class_labels=y)
+    assert out.is_contiguous() and out.shape == expected.shape
+    torch.testing.assert_close(out, expected, atol=FAST_PATH_ATOL, rtol=0)
+    # converting twice adds no second set of hooks
+    n_hooks = len(net._forward_pre_hooks)
+    assert to_memory_format(net, "auto") is net and len(net._forward_pre_hooks) == n_hooks
+    # the saved weights: same keys, shapes and plain layout; they load (weights_only) into a contiguous network
+    sd = net.state_dict()
+    assert list(sd) == list(reference.state_dict())
+    assert all(v.is_contiguous() for v in sd.values())
+    torch.save(sd, tmp_path / "w.pt")
+    fresh = ConditionalDiffusionUNet(**TINY_UNET).eval()
+    fresh.load_state_dict(torch.load(tmp_path / "w.pt", map_location="cpu", weights_only=True))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x, t, class_labels=y), expected, atol=0, rtol=0)
+    # and contiguous weights load into the channels-last network, which stays channels-last
+    net.load_state_dict(reference.state_dict())
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in weights4d)
+
+
+def test_memory_format_choices_and_errors():
+    plain = tiny_unet()
+    assert to_memory_format(plain, "contiguous") is plain and all(p.is_contiguous() for p in plain.parameters())
+    assert to_memory_format(None) is None
+    # float32 on the CPU is channels-last by default, and the same object (checksums, attributes, isinstance)
+    net = tiny_unet()
+    assert with_precision(net, "float32") is net
+    assert any(p.ndim == 4 and not p.is_contiguous() for p in net.parameters())
+    off = tiny_unet()
+    assert with_precision(off, "float32", "contiguous") is off and all(p.is_contiguous() for p in off.parameters())
+    # 3D networks have no channels-last: "auto" leaves them, an explicit request is an error naming the option
+    net3d = tiny_unet(spatial_dims=3)
+    assert to_memory_format(net3d, "auto") is net3d and all(p.is_contiguous() for p in net3d.parameters())
+    with pytest.raises(ValueError, match="memory_format='channels_last' needs a 2D network"):
+        to_memory_format(net3d, "channels_last")
+    with pytest.raises(ValueError, match="memory_format must be one of"):
+        to_memory_format(plain, "nhwc")
+    with pytest.raises(ValueError, match="memory_format must be one of"):
+        with_precision(plain, "float32", "nhwc")
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        to_memory_format(lambda x: x)  # type: ignore[arg-type]
+    assert not AutocastNetwork(tiny_unet(), channels_last=False).channels_last
+
+
+def test_channels_last_training_step_matches_contiguous():
+    losses, grads, params = [], [], []
+    for fmt in ("contiguous", "channels_last"):
+        net = to_memory_format(tiny_unet().train(), fmt)
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(3):
+            x = torch.randn(4, 1, 16, 16, generator=gen)
+            t, y = torch.randint(0, 1000, (4,), generator=gen), torch.randint(0, 2, (4,), generator=gen)
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(net(x, t, class_labels=y), x)
+            loss.backward()
+            opt.step()
+        losses.append(loss.item())
+        grads.append([p.grad.clone() for p in net.parameters()])
+        params.append({k: v.clone() for k, v in net.state_dict().items()})
+    assert losses[0] == pytest.approx(losses[1], abs=1e-5)
+    for g0, g1 in zip(*grads):
+        torch.testing.assert_close(g1, g0, atol=1e-4, rtol=1e-3)
+    for k in params[0]:
+        # Adam divides by the gradient's running RMS, which turns rounding of a near-zero gradient into up to a
+        # full lr-sized step: allow 10 % of the 3 steps' largest move (3 x lr)
+        torch.testing.assert_close(params[1][k], params[0][k], atol=3e-4, rtol=0)
+        assert params[1][k].is_contiguous()
+
+
+def test_channels_last_classifier_input_gradient_matches():
+    x, target = torch.randn(4, 1, 16, 16), torch.tensor([1, 0, 1, 0])
+    g_ref = classifier_log_prob_grad(tiny_classifier(), x, 100, target)
+    fast = with_precision(tiny_classifier(), "float32")
+    assert any(p.ndim == 4 and not p.is_contiguous() for p in fast.parameters())
+    g = classifier_log_prob_grad(fast, x, 100, target)
+    assert g_ref.abs().max() > 1e-4 and g.is_contiguous()
+    torch.testing.assert_close(g, g_ref, atol=FAST_PATH_ATOL, rtol=1e-4)
+
+
+def test_fused_attention_default_matches_monai_attention():
+    fused = tiny_unet()
+    einsum = ConditionalDiffusionUNet(**TINY_UNET, use_flash_attention=False).eval()
+    einsum.load_state_dict(fused.state_dict())  # same weights, same keys
+    flags = [m.use_flash_attention for m in fused.modules() if hasattr(m, "use_flash_attention")]
+    assert flags and all(flags)
+    with torch.no_grad():
+        expected = einsum(X, T, class_labels=torch.tensor([1, 0]))
+        torch.testing.assert_close(fused(X, T, class_labels=torch.tensor([1, 0])), expected, atol=FAST_PATH_ATOL, rtol=0)
+    # the classifier's input gradient (CG-CDM guidance) through the fused attention
+    kw = dict(spatial_dims=2, in_channels=1, num_classes=2, input_shape=(16, 16), channels=(8, 16),
+              attention_levels=(False, True), num_res_blocks=1, norm_num_groups=4, num_head_channels=8)
+    torch.manual_seed(0)
+    clf_fused = perturb(NoisyClassifier(**kw))
+    clf_einsum = NoisyClassifier(**kw, use_flash_attention=False).eval()
+    clf_einsum.load_state_dict(clf_fused.state_dict())
+    x, target = torch.randn(3, 1, 16, 16), torch.tensor([1, 0, 1])
+    g_ref = classifier_log_prob_grad(clf_einsum, x, 50, target)
+    assert g_ref.abs().max() > 1e-4
+    torch.testing.assert_close(classifier_log_prob_grad(clf_fused, x, 50, target), g_ref, atol=FAST_PATH_ATOL, rtol=1e-4)
+    with pytest.raises(ValueError, match="use_flash_attention must be a bool"):
+        ConditionalDiffusionUNet(**TINY_UNET, use_flash_attention="yes")
+    with pytest.raises(ValueError, match="use_flash_attention must be a bool"):
+        NoisyClassifier(spatial_dims=2, in_channels=1, input_shape=(16, 16), use_flash_attention=1)

@@ -1,9 +1,15 @@
-"""``python -m monai_wsss.benchmark {speed,table,ablation} [options]``."""
+"""``python -m monai_wsss.benchmark {speed,table,ablation,authors,paths} [options]``."""
 
 import importlib
 import sys
 
-COMMANDS = {"speed": "monai_wsss.benchmark.speed", "table": "monai_wsss.benchmark.table", "ablation": "monai_wsss.benchmark.ablation"}
+COMMANDS = {
+    "speed": "monai_wsss.benchmark.speed",
+    "table": "monai_wsss.benchmark.table",
+    "ablation": "monai_wsss.benchmark.ablation",
+    "authors": "monai_wsss.benchmark.authors",
+    "paths": "monai_wsss.benchmark.paths",
+}
 
 
 def main(argv: list[str] | None = None) -> None:

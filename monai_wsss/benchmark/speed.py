@@ -30,6 +30,7 @@ from monai_wsss.benchmark.table import bundle_method_settings, load_bundle_netwo
 from monai_wsss.apps.inputs import load_weights
 from monai_wsss.apps.methods import build_method_inferer
 from monai_wsss.inferers import VolumeInferer
+from monai_wsss.networks import MEMORY_FORMATS, to_memory_format
 from monai_wsss.networks.nets import ConditionalDiffusionUNet, NoisyClassifier
 from monai_wsss.utils import reuse_freed_memory, write_text_atomic
 
@@ -97,12 +98,15 @@ def run_speed_benchmark(
     classifier_weights: str | None = None,
     device: str = "cpu",
     bundle_root: str | None = None,
+    memory_format: str = "auto",
 ) -> dict:
     """
     Time every method on one batch of ``batch`` slices and CDM on a whole volume.
 
     CDM runs ``cdm_steps`` steps, CG-CDM ``cg_cdm_steps`` (``None``: ``cdm_steps``), as the bundles' ``num_steps``
-    and ``guided_num_steps``. With ``bundle_root`` the networks are the bundle's.
+    and ``guided_num_steps``. With ``bundle_root`` the networks are the bundle's. Both networks run in
+    ``memory_format`` (:py:func:`monai_wsss.networks.to_memory_format`; ``"auto"``, the inference default:
+    channels-last on the CPU).
 
     Returns:
         a dict with seconds per slice of each method, ratios to CDM and the volume time.
@@ -119,6 +123,7 @@ def run_speed_benchmark(
             raise FileNotFoundError(f"the speed benchmark needs the classifier: {Path(bundle_root) / 'models' / 'classifier.pt'}")
     else:
         net, clf = default_networks(size, weights, classifier_weights, device)
+    net, clf = to_memory_format(net, memory_format), to_memory_format(clf, memory_format)
     sched = DDIMScheduler(num_train_timesteps=1000, schedule="linear_beta", clip_sample=False)
     x = torch.rand(batch, 1, size, size, generator=torch.Generator().manual_seed(0), device=device) * 2 - 1
     # built as the bundles build them, so CG-CDM's own R follows the same rule
@@ -132,6 +137,7 @@ def run_speed_benchmark(
     result: dict = {
         "device": device,
         "threads": torch.get_num_threads(),
+        "memory_format": memory_format,
         "batch": batch,
         "size": size,
         "settings": {
@@ -238,6 +244,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--weights", default=None)
     parser.add_argument("--classifier_weights", default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--memory_format", default="auto", choices=MEMORY_FORMATS,
+                        help="networks' memory format (auto: channels-last on the CPU; contiguous: off)")
     args = resolve_speed_settings(parser.parse_args(argv))
     if args.device == "cpu":
         reuse_freed_memory()  # the command's process-wide choice, as in the bundles' runs (docs/performance.md)
@@ -255,6 +263,7 @@ def main(argv: list[str] | None = None) -> dict:
         classifier_weights=args.classifier_weights,
         device=args.device,
         bundle_root=args.bundle_root,
+        memory_format=args.memory_format,
     )
     write_result(args.out_dir, "speed", result, to_markdown(result))
     return result

@@ -1,4 +1,22 @@
 from monai_wsss.networks.nets import ConditionalDiffusionUNet, NoisyClassifier
-from monai_wsss.networks.precision import PRECISIONS, AutocastNetwork, native_bfloat16, with_precision
+from monai_wsss.networks.precision import (
+    MEMORY_FORMATS,
+    PRECISIONS,
+    AutocastNetwork,
+    channels_last_pays,
+    native_bfloat16,
+    to_memory_format,
+    with_precision,
+)
 
-__all__ = ["PRECISIONS", "AutocastNetwork", "ConditionalDiffusionUNet", "NoisyClassifier", "native_bfloat16", "with_precision"]
+__all__ = [
+    "MEMORY_FORMATS",
+    "PRECISIONS",
+    "AutocastNetwork",
+    "ConditionalDiffusionUNet",
+    "NoisyClassifier",
+    "channels_last_pays",
+    "native_bfloat16",
+    "to_memory_format",
+    "with_precision",
+]

@@ -109,6 +109,10 @@ class ConditionalDiffusionUNet(DiffusionModelUNet):
             ``"scale_shift"`` uses adaptive GroupNorm as guided-diffusion (the authors' code) does.
         channels: output channels of each level.
         norm_num_groups: number of GroupNorm groups.
+        use_flash_attention: compute attention with ``torch.nn.functional.scaled_dot_product_attention`` (PyTorch's
+            fused kernel, CPU included) instead of MONAI's einsum-softmax-einsum. Default True here (MONAI's default
+            is False): same weights and state dict, same output to float32 rounding, faster (docs/performance.md).
+            False gives MONAI's own attention.
         kwargs: any other :class:`DiffusionModelUNet` argument (``attention_levels``, ``num_res_blocks``,
             ``num_head_channels``, ...).
 
@@ -117,7 +121,8 @@ class ConditionalDiffusionUNet(DiffusionModelUNet):
             read command-line options with :py:func:`monai_wsss.bundle.parse_option`), ``num_classes < 1``, an
             unknown ``conditioning``, ``num_class_embeds`` passed in kwargs, or
             ``conditioning="add"`` with a level whose channel count equals ``norm_num_groups`` (the GroupNorm
-            would erase the condition, see :func:`check_conditioning_survives_norm`).
+            would erase the condition, see :func:`check_conditioning_survives_norm`), or ``use_flash_attention``
+            not a bool.
 
     Example::
 
@@ -138,6 +143,7 @@ class ConditionalDiffusionUNet(DiffusionModelUNet):
         conditioning: str = "add",
         channels: Sequence[int] = (32, 64, 64),
         norm_num_groups: int = 8,
+        use_flash_attention: bool = True,
         **kwargs,
     ) -> None:
         # strict types: a config that passes command-line text ('true') reads it first with
@@ -152,6 +158,8 @@ class ConditionalDiffusionUNet(DiffusionModelUNet):
         null_class, num_classes = bool(null_class), int(num_classes)
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}.")
+        if not isinstance(use_flash_attention, (bool, np.bool_)):
+            raise ValueError(f"use_flash_attention must be a bool, got {use_flash_attention!r} ({type(use_flash_attention).__name__}).")
         if conditioning not in CONDITIONING_MODES:
             raise ValueError(f"conditioning must be one of {CONDITIONING_MODES}, got {conditioning!r}.")
         if "num_class_embeds" in kwargs:
@@ -168,6 +176,7 @@ class ConditionalDiffusionUNet(DiffusionModelUNet):
             channels=channels,
             norm_num_groups=norm_num_groups,
             num_class_embeds=num_classes + int(null_class),
+            use_flash_attention=bool(use_flash_attention),
             **kwargs,
         )
         self.spatial_dims = spatial_dims

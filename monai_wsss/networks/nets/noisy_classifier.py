@@ -30,12 +30,15 @@ class NoisyClassifier(DiffusionModelEncoder):
         attention_levels: levels with self-attention; defaults to the last one only.
         num_res_blocks: residual blocks per level.
         norm_num_groups: number of GroupNorm groups.
+        num_head_channels: channels per attention head.
+        use_flash_attention: attention through ``torch.nn.functional.scaled_dot_product_attention`` (default True,
+            MONAI's default is False; same weights, same logits and input gradients to float32 rounding, faster).
         kwargs: any other :class:`DiffusionModelEncoder` argument.
 
     Raises:
         ValueError: when a level has exactly ``norm_num_groups`` channels (GroupNorm would erase the timestep
             embedding, see :func:`check_conditioning_survives_norm`) or ``input_shape`` does not match
-            ``spatial_dims``.
+            ``spatial_dims``, or ``use_flash_attention`` is not a bool.
 
     Example::
 
@@ -54,8 +57,11 @@ class NoisyClassifier(DiffusionModelEncoder):
         num_res_blocks: Sequence[int] | int = 1,
         norm_num_groups: int = 8,
         num_head_channels: int | Sequence[int] = 32,
+        use_flash_attention: bool = True,
         **kwargs,
     ) -> None:
+        if not isinstance(use_flash_attention, bool):
+            raise ValueError(f"use_flash_attention must be a bool, got {use_flash_attention!r} ({type(use_flash_attention).__name__}).")
         if len(input_shape) != spatial_dims:
             raise ValueError(f"input_shape {tuple(input_shape)} must have spatial_dims={spatial_dims} entries.")
         check_conditioning_survives_norm(channels, norm_num_groups)
@@ -71,6 +77,7 @@ class NoisyClassifier(DiffusionModelEncoder):
             num_res_blocks=num_res_blocks,
             norm_num_groups=norm_num_groups,
             num_head_channels=num_head_channels,
+            use_flash_attention=use_flash_attention,
             **kwargs,
         )
         self.spatial_dims = spatial_dims
