@@ -23,14 +23,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from monai.transforms import LoadImage, Orientation
+from monai.transforms import LoadImage
 from monai.utils import convert_to_tensor, min_version, optional_import
 
 from monai_wsss.apps.reports import VolumeEvaluation, save_overlay, write_csv, write_summary_markdown
 from monai_wsss.apps.run_folder import FailedVolumesError, RunFolder
 from monai_wsss.data.fail_safe import FAILED_KEY
 from monai_wsss.data.tasks import MAP_THRESHOLD_MODES
-from monai_wsss.transforms import axis_codes, mask_of_map, otsu_thresholds
+from monai_wsss.transforms import axis_codes, mask_of_map, otsu_thresholds, reoriented
 from monai_wsss.utils import write_text_atomic
 
 Events, _ = optional_import("ignite.engine", "0.4.11", min_version, "Events")
@@ -65,10 +65,8 @@ def engine_items(engine: Engine, failed: bool = False) -> list[dict]:
 def _load_map(path: Path, like: Any = None) -> torch.Tensor:
     """A written map or mask read back in the array order of ``like`` (the preprocessed image it was made from)."""
     img = LoadImage(image_only=True, ensure_channel_first=True, dtype=np.float32)(str(path))
-    codes = axis_codes(getattr(like, "affine", None))
-    if codes is not None and codes != axis_codes(img.affine):  # written in the scan's own order, read canonical
-        img = Orientation(axcodes=codes, labels=None)(img)
-    return convert_to_tensor(img, track_meta=False)
+    # written in the scan's own order, read back in the preprocessed (task) orientation
+    return convert_to_tensor(reoriented(img, axis_codes(getattr(like, "affine", None))), track_meta=False)
 
 
 #: the columns of ``predictions.csv``, in order (a column no row has is left out)

@@ -5,7 +5,7 @@ from monai_wsss.transforms.intensity import (
     ScaleIntensityNonzeroPercentiles,
     ScaleIntensityNonzeroPercentilesd,
 )
-from monai_wsss.transforms.io import LoadVolumed, SaveVolumed, axis_codes, in_source_orientation
+from monai_wsss.transforms.io import LoadVolumed, SaveVolumed, axis_codes, in_source_orientation, reoriented
 from monai_wsss.transforms.model_space import (
     IMAGE_INTERPOLATION,
     MODEL_INTENSITY_RANGE,
@@ -42,6 +42,7 @@ __all__ = [
     "SaveVolumed",
     "axis_codes",
     "in_source_orientation",
+    "reoriented",
     "MapTargetLabels",
     "MapTargetLabelsd",
     "ScaleIntensityNonzeroPercentiles",

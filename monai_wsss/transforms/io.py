@@ -19,7 +19,7 @@ from nibabel.orientations import aff2axcodes
 
 from monai_wsss.utils.atomic_files import atomic_write
 
-__all__ = ["LoadVolumed", "SaveVolumed", "axis_codes", "in_source_orientation"]
+__all__ = ["LoadVolumed", "SaveVolumed", "axis_codes", "in_source_orientation", "reoriented"]
 
 logger = logging.getLogger(__name__)
 
@@ -132,10 +132,21 @@ def in_source_orientation(img: Any) -> Any:
     """
     if not isinstance(img, MetaTensor):
         return img
-    source = axis_codes(img.meta.get("original_affine"))
-    if source is None or source == axis_codes(img.affine):
+    return reoriented(img, axis_codes(img.meta.get("original_affine")))
+
+
+def reoriented(img: MetaTensor, codes: str | None) -> MetaTensor:
+    """
+    ``img`` with its axes permuted and flipped to the orientation ``codes`` (MONAI's ``Orientation``); ``img`` itself
+    when it already has it or ``codes`` is ``None``.
+
+    Example::
+
+        >>> # reoriented(LoadImage(...)("scan_stored_PSL.nii.gz"), "LPS") -> array order LPS
+    """
+    if codes is None or codes == axis_codes(img.affine):
         return img
-    return Orientation(axcodes=source, labels=None)(img)
+    return Orientation(axcodes=codes, labels=None)(img)
 
 
 class SaveVolumed(MapTransform):
