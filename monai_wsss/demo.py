@@ -15,7 +15,10 @@ End-to-end demo on embedded synthetic data, through the BraTS bundle's own confi
    split, plus the intensity-threshold baseline, and prints one table; every method writes NIfTI maps and
    masks in the input space, per-case CSV, a markdown summary and overlay PNGs into ``out_dir/<method>/``.
 
-Defaults finish in a few minutes on 2 CPU cores; ``--quick`` is a seconds-long smoke run (no useful masks).
+Steps that do not need each other (the three trainings; each method once its networks are trained) run two at a
+time in worker processes (``--jobs``), each with one torch thread and its own seed, so the table is the one a single
+process running them in turn prints. Defaults finish in a few minutes on 2 CPU cores; ``--quick`` is a
+seconds-long smoke run (no useful masks).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import re
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +44,7 @@ from monai_wsss.utils.atomic_files import write_text_atomic
 
 __all__ = [
     "DEMO_SETTINGS",
+    "DemoStep",
     "QUICK_SETTINGS",
     "RESULT_COLUMNS",
     "README_MARKERS",
@@ -52,6 +57,7 @@ __all__ = [
     "result_table",
     "run_bundle_config",
     "run_demo",
+    "run_steps",
     "main",
 ]
 
@@ -356,6 +362,99 @@ def compare_with_readme(
     return compare_tables(result_table(summaries), read_readme_table(readme), tolerance)
 
 
+@dataclass(frozen=True)
+class DemoStep:
+    """
+    One step of the demo: a bundle config run (:py:func:`run_bundle_config`) and the steps it waits for.
+
+    Args:
+        name: the step's name (a key of the demo's timings; a method's row for an inference step).
+        config_files: the config JSON files, stacked in order.
+        workflow_type: ``"train"`` or ``"infer"``.
+        overrides: config ids and values, as on the command line.
+        title: what the log says the step does.
+        needs: names of the steps whose outputs (checkpoints) this one reads.
+    """
+
+    name: str
+    config_files: Sequence[str | os.PathLike]
+    workflow_type: str
+    overrides: Mapping[str, Any]
+    title: str = ""
+    needs: tuple[str, ...] = ()
+
+
+def _run_step(step: DemoStep) -> tuple[float, dict]:
+    """Run one step; returns its wall seconds and, for an inference step, the evaluation summary."""
+    logger.info(f"{step.title or step.name} with {', '.join(Path(f).name for f in step.config_files)}")
+    start = time.perf_counter()
+    result = run_bundle_config(step.config_files, step.workflow_type, **step.overrides)
+    summary = dict(result.summary) if step.workflow_type == "infer" else {}
+    return time.perf_counter() - start, summary
+
+
+def _start_worker(threads: int) -> None:
+    """A step process: the demo's logging and thread count (each step seeds itself from its config)."""
+    from monai_wsss.utils import reuse_freed_memory
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(name)s - %(message)s", stream=sys.stdout)
+    log_one_line_per_epoch()
+    torch.set_num_threads(threads)
+    reuse_freed_memory()
+
+
+def run_steps(steps: Sequence[DemoStep], jobs: int = 1, threads: int = 1) -> dict[str, tuple[float, dict]]:
+    """
+    Run the demo's steps, each once every step it ``needs`` has finished, up to ``jobs`` at a time.
+
+    Every step seeds itself (the configs' ``set_determinism``) and runs with the same thread count, so the results
+    do not depend on ``jobs`` or on the order in which independent steps finish: two steps on two cores with one
+    thread each give the scores of one process running them in turn, in about half the time. Waiting steps
+    start in the order given (put the longest chains first).
+
+    Args:
+        steps: the steps; ``needs`` may only name earlier ones.
+        jobs: steps at a time (1: in this process, in the order given; more: in spawned worker processes).
+        threads: torch threads in each worker process.
+
+    Returns:
+        ``{name: (wall seconds, evaluation summary or {})}``.
+
+    Raises:
+        ValueError: ``jobs`` < 1, a repeated step name, or a step needing an unknown or later step.
+    """
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}.")
+    names: list[str] = []
+    for step in steps:
+        if step.name in names:
+            raise ValueError(f"two demo steps are named {step.name!r}.")
+        unknown = [n for n in step.needs if n not in names]
+        if unknown:
+            raise ValueError(f"demo step {step.name!r} needs {unknown}, which are not earlier steps.")
+        names.append(step.name)
+    if jobs == 1:
+        return {step.name: _run_step(step) for step in steps}
+
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from multiprocessing import get_context
+
+    done: dict[str, tuple[float, dict]] = {}
+    waiting = list(steps)
+    running: dict[Any, str] = {}
+    # spawn: a fresh interpreter per worker (forking a process that holds torch's thread pools is unsafe)
+    with ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=_start_worker,
+                             initargs=(threads,)) as pool:
+        while waiting or running:
+            for step in [s for s in waiting if all(n in done for n in s.needs)][: jobs - len(running)]:
+                waiting.remove(step)
+                running[pool.submit(_run_step, step)] = step.name
+            finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            for future in finished:
+                done[running.pop(future)] = future.result()  # a failed step raises here and ends the demo
+    return {step.name: done[step.name] for step in steps}
+
+
 def _training_overrides(out: Path, data_dir: Path, settings: Mapping[str, Any], epochs: int, name: str) -> dict:
     size = int(settings["spatial_size"])
     return {
@@ -382,6 +481,7 @@ def run_demo(
     bundle: str | os.PathLike | None = None,
     seed: int = 0,
     num_overlays: int = 3,
+    jobs: int = 1,
 ) -> dict:
     """
     The whole demo (see the module docstring); returns the per-method summaries and timings.
@@ -392,6 +492,7 @@ def run_demo(
         bundle: the bundle folder (default: the repository's ``bundles/brats_cdm``).
         seed: seed of the data, the training and the diffusion noise.
         num_overlays: overlay PNGs per method.
+        jobs: steps at a time (:py:func:`run_steps`; the scores do not depend on it).
 
     Returns:
         ``{"summaries": {method: summary}, "seconds": {step: wall seconds}, "files": {...}}``.
@@ -432,49 +533,32 @@ def run_demo(
     seconds["data"] = time.perf_counter() - start
     logger.info(f"{len(items)} synthetic volumes {tuple(cfg['shape'])} in {data_dir}")
 
-    start = time.perf_counter()
-    logger.info(f"training the diffusion model ({cfg['diffusion_epochs']} epochs) with {configs / 'train_diffusion.json'}")
-    run_bundle_config(
-        configs / "train_diffusion.json",
-        "train",
-        seed=seed,
-        **_training_overrides(out, data_dir, cfg, cfg["diffusion_epochs"], "train_diffusion"),
-    )
-    seconds["train_diffusion"] = time.perf_counter() - start
+    # the test split every method is scored on: the same call, fractions and seed as the training configs'
+    # ``splits`` (checked against their datalists below), written first so that no method waits for a training
+    from monai_wsss.bundle import prepare_splits
 
-    needs_classifier = any(m in ("cg_cdm", "cg_diff") for m in cfg["methods"])
-    if needs_classifier:
-        start = time.perf_counter()
-        logger.info(f"training the noisy classifier ({cfg['classifier_epochs']} epochs) with {configs / 'train_classifier.json'}")
-        run_bundle_config(
-            configs / "train_classifier.json",
-            "train",
-            seed=seed,
-            **_training_overrides(out, data_dir, cfg, cfg["classifier_epochs"], "train_classifier"),
-        )
-        seconds["train_classifier"] = time.perf_counter() - start
-
-    if "segmenter" in cfg["methods"]:
-        start = time.perf_counter()
-        logger.info(f"training the segmentation network ({cfg['segmenter_epochs']} epochs) on pseudo-masks with "
-                    f"{configs / 'train.json'}")
-        size = int(cfg["spatial_size"])
-        run_bundle_config(
-            configs / "train.json",
-            "train",
-            seed=seed,
-            segmenter_spatial_size=[size, size],
-            pseudo_dir=str(out / "pseudo_masks"),
-            **{
-                **_training_overrides(out, data_dir, cfg, cfg["segmenter_epochs"], "train"),
-                "batch_size": int(cfg["segmenter_batch_size"]),
-                "learning_rate": float(cfg["segmenter_learning_rate"]),
-            },
-        )
-        seconds["train"] = time.perf_counter() - start
+    datalist = out / "datalist.json"
+    test_cases = prepare_splits(
+        data_dir, "brats", float(cfg["val_fraction"]), float(cfg["test_fraction"]), 0, datalist
+    )["test"]
 
     size = int(cfg["spatial_size"])
-    datalist = out / "train_diffusion" / "datalist.json"  # the training split: evaluate on its unseen test cases
+    steps: list[DemoStep] = [
+        DemoStep("train_diffusion", [configs / "train_diffusion.json"], "train", {
+            "seed": seed, **_training_overrides(out, data_dir, cfg, cfg["diffusion_epochs"], "train_diffusion")},
+            f"training the diffusion model ({cfg['diffusion_epochs']} epochs)"),
+    ]
+    if any(m in ("cg_cdm", "cg_diff") for m in cfg["methods"]):
+        steps.append(DemoStep("train_classifier", [configs / "train_classifier.json"], "train", {
+            "seed": seed, **_training_overrides(out, data_dir, cfg, cfg["classifier_epochs"], "train_classifier")},
+            f"training the noisy classifier ({cfg['classifier_epochs']} epochs)"))
+    if "segmenter" in cfg["methods"]:
+        steps.append(DemoStep("train", [configs / "train.json"], "train", {
+            "seed": seed, "segmenter_spatial_size": [size, size], "pseudo_dir": str(out / "pseudo_masks"),
+            **_training_overrides(out, data_dir, cfg, cfg["segmenter_epochs"], "train"),
+            "batch_size": int(cfg["segmenter_batch_size"]), "learning_rate": float(cfg["segmenter_learning_rate"])},
+            f"training the segmentation network ({cfg['segmenter_epochs']} epochs) on pseudo-masks"))
+
     common = {
         "bundle_root": str(out),
         "dataset_dir": str(datalist),
@@ -503,19 +587,32 @@ def run_demo(
         "cg_diff": {**diffusion, **classifier, "noise_level": int(cfg["cgdiff_level"]),
                     "guidance_scale": float(cfg["cgdiff_guidance"])},
     }
-    runs: list[tuple[str, str, dict]] = [(m, m, method_overrides[m]) for m in cfg["methods"]]
+    trainings = {"segmenter": ("train",), "cdm": ("train_diffusion",), "cg_cdm": ("train_diffusion", "train_classifier"),
+                 "cg_diff": ("train_diffusion", "train_classifier")}
+    runs: list[tuple[str, str, dict, tuple[str, ...]]] = [
+        (m, m, method_overrides[m], trainings[m]) for m in cfg["methods"]
+    ]
     # the honest baseline: FLAIR lesions are bright, a fixed threshold on the intensity already finds much of them
     intensity = {"spatial_size": [size, size]}
-    runs.append(("threshold", "threshold", {**intensity, "threshold": 0.7}))
+    runs.append(("threshold", "threshold", {**intensity, "threshold": 0.7}, ()))
     # the chance level: the whole brain as the mask (every body pixel of the intensity map is > 0)
-    runs.append(("whole brain", "threshold", {**intensity, "threshold": 1e-6, "num_overlays": 0}))
+    runs.append(("whole brain", "threshold", {**intensity, "threshold": 1e-6, "num_overlays": 0}, ()))
+    for name, method, extra, needs in runs:
+        steps.append(DemoStep(
+            name, method_config_files(bundle_dir, method, evaluate=True), "infer",
+            {**common, **extra, "output_dir": str(out / name.replace(" ", "_"))}, f"scoring {name}", needs))
+
+    outcomes = run_steps(steps, jobs=jobs, threads=torch.get_num_threads())
+    seconds.update({name: outcome[0] for name, outcome in outcomes.items()})
+    for step in steps:
+        if step.workflow_type == "train":
+            trained = json.loads((out / step.name / "datalist.json").read_text(encoding="utf-8"))["test"]
+            if [c["image"] for c in trained] != [c["image"] for c in test_cases]:
+                raise RuntimeError(f"{step.name} split the cases differently from {datalist}: the demo would "
+                                   "score methods on cases they were trained on.")
     summaries: dict[str, dict] = {}
-    for name, method, extra in runs:
-        start = time.perf_counter()
-        args = {**common, **extra, "output_dir": str(out / name.replace(" ", "_"))}
-        state = run_bundle_config(method_config_files(bundle_dir, method, evaluate=True), "infer", **args)
-        seconds[name] = time.perf_counter() - start
-        summaries[name] = dict(state.summary)
+    for name, *_ in runs:
+        summaries[name] = dict(outcomes[name][1])
         if name == "whole brain":  # a mask without a map: its AUROC would be the intensity map's
             for key in ("pixel_auroc", "pixel_auprc", "slice_auroc", "slice_auprc"):
                 summaries[name][key] = float("nan")
@@ -539,8 +636,9 @@ def run_demo(
         "masks: the BraTS bundle's defaults: signed (CDM) / absolute (CG-Diff) map normalised per volume "
         "inside the brain, one average Otsu threshold over the test volumes; segmenter: probability > "
         f"{default_threshold('segmenter')}, 3D components below {cfg['min_component_size']} voxels dropped",
-        f"seed {seed}, {torch.get_num_threads()} torch thread(s): the scores repeat exactly with the same seed and "
-        "thread count (CPU float sums depend on how the work is split between threads)",
+        f"seed {seed}, {torch.get_num_threads()} torch thread(s) per step, {jobs} step(s) at a time: the scores "
+        "repeat exactly with the same seed and thread count (CPU float sums depend on how the work is split between "
+        "threads), however many steps run at once (each seeds itself)",
         "wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()),
     ]
     write_text_atomic(
@@ -557,6 +655,7 @@ def run_demo(
         "seconds": seconds,
         "seed": seed,
         "threads": torch.get_num_threads(),
+        "jobs": jobs,
         "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
     }
     write_text_atomic(out / "summary.json", json.dumps(record, indent=2))
@@ -576,13 +675,18 @@ def _bundle_cgdiff_level() -> Any:
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    """Command line: ``python -m monai_wsss.demo --out_dir DIR [--quick] [--threads N] [--seed S]``."""
+    """Command line: ``python -m monai_wsss.demo --out_dir DIR [--quick] [--jobs J] [--threads N] [--seed S]``."""
     parser = argparse.ArgumentParser(prog="python -m monai_wsss.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out_dir", default="outputs/demo", help="output folder (default: outputs/demo)")
     parser.add_argument("--quick", action="store_true", help="seconds-long smoke run (tiny data, no useful masks)")
     # one thread by default: measured on a shared 2-core machine, torch's default of 2 threads spun in OpenMP
     # barriers and trained 18x slower (2 min per epoch instead of 6.5 s); pass --threads 2 on a dedicated machine
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1; 0: torch's default)")
+    parser.add_argument(
+        "--jobs", type=int, default=min(2, os.cpu_count() or 1),
+        help="steps at a time, each in its own process with --threads threads (default: 2, or 1 on one core; 1: "
+        "every step in this process, in turn); independent trainings and methods run side by side, same scores",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of data, training and noise")
     parser.add_argument("--diffusion_epochs", type=int, default=None, help="override the diffusion training epochs")
     parser.add_argument("--classifier_epochs", type=int, default=None, help="override the classifier training epochs")
@@ -598,6 +702,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         help=f"largest absolute score difference accepted by the README check (default {README_TOLERANCE}; 0: exact)",
     )
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}")
     if not (math.isfinite(args.tolerance) and args.tolerance >= 0):
         parser.error(f"--tolerance must be a finite number >= 0, got {args.tolerance}")
     readme = Path(__file__).resolve().parents[1] / "README.md"
@@ -626,7 +732,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     for key in ("diffusion_epochs", "classifier_epochs", "methods"):
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
-    result = run_demo(args.out_dir, settings, seed=args.seed)
+    result = run_demo(args.out_dir, settings, seed=args.seed, jobs=args.jobs)
     print("\n" + result["table"])
     if "cg_diff" in settings["methods"]:
         print(f"(CG-Diff at L = {settings['cgdiff_level']} encoding steps, shortened from the bundles' "

@@ -14,14 +14,15 @@ from monai_wsss import demo
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-    """One in-process ``--quick`` demo, shared: its output is checked here and compared with a second run below."""
+    """One in-process ``--quick`` demo (``--jobs 1``: every step in turn), shared: its output is checked here and
+    compared with a second run below, whose steps run two at a time in worker processes."""
     from contextlib import redirect_stdout
     from io import StringIO
 
     out_dir = tmp_path_factory.mktemp("demo")
     printed = StringIO()
     with redirect_stdout(printed):
-        result = demo.main(["--out_dir", str(out_dir), "--quick"])
+        result = demo.main(["--out_dir", str(out_dir), "--quick", "--jobs", "1"])
     return out_dir, result, printed.getvalue()
 
 
@@ -48,6 +49,17 @@ def test_quick_demo_runs_every_step_through_the_bundle(quick_run):
     assert (tmp_path / "summary.md").read_text().startswith("# monai_wsss demo")
 
 
+def test_demo_steps_wait_only_for_earlier_steps():
+    step = demo.DemoStep("cdm", ["inference.json"], "infer", {}, needs=("train_diffusion",))
+    with pytest.raises(ValueError, match="needs .*train_diffusion"):
+        demo.run_steps([step])
+    first = demo.DemoStep("train_diffusion", ["train_diffusion.json"], "train", {})
+    with pytest.raises(ValueError, match="two demo steps are named"):
+        demo.run_steps([first, first])
+    with pytest.raises(ValueError, match="jobs must be >= 1"):
+        demo.run_steps([first], jobs=0)
+
+
 def test_demo_rejects_unknown_methods(tmp_path):
     with pytest.raises(ValueError, match="unknown demo method"):
         demo.run_demo(tmp_path, {**demo.QUICK_SETTINGS, "methods": ("cdm", "gradcam")})
@@ -60,7 +72,7 @@ def test_demo_command_prints_one_training_line_per_epoch_and_repeats_its_scores(
     import sys
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "monai_wsss.demo", "--quick", "--out_dir", str(tmp_path)]
+    cmd = [sys.executable, "-m", "monai_wsss.demo", "--quick", "--out_dir", str(tmp_path), "--jobs", "2"]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     lines = [line for line in out.stdout.splitlines() if "train_loss" in line]
@@ -70,10 +82,12 @@ def test_demo_command_prints_one_training_line_per_epoch_and_repeats_its_scores(
     for line in lines:
         done, total = re.search(r"Iter: (\d+)/(\d+)", line).groups()
         assert done == total, line
-    # seeded data, training and noise: a second run in another process prints the same table (one thread each)
+    # seeded data, training and noise: a second run, its steps two at a time in worker processes, prints the table
+    # of the first, which ran them in turn in one process (one thread each)
     first = json.loads((quick_run[0] / "summary.json").read_text())
     second = json.loads((tmp_path / "summary.json").read_text())
     assert first["threads"] == second["threads"] == 1
+    assert (first["jobs"], second["jobs"]) == (1, 2)
     assert demo.result_table(second["summaries"]) == demo.result_table(first["summaries"])
 
     def scores(saved: dict) -> dict:  # everything but wall times
