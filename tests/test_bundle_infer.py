@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -113,6 +115,7 @@ def run_bundle(env, config: str, bundle: str = "brats", method: str = "segmenter
     return {
         "rows": state.predictions,
         "summary": getattr(state, "summary", None),
+        "metrics": dict(state.metrics),
         "threshold": workflow.parser.get_parsed_content("mask_threshold") if threshold is None else threshold,
     }
 
@@ -169,7 +172,8 @@ def test_networks_match_the_training_configs(bundle):
 def test_evaluate_is_a_small_override_and_the_bundles_differ_in_task_facts_only():
     for bundle in BUNDLES:
         evaluate = _raw(bundle, "evaluate.json")
-        assert set(evaluate) == {"evaluate", "output_dir", "num_overlays", "report_handler", "eval_handlers"}
+        assert set(evaluate) == {"evaluate", "output_dir", "num_overlays", "report_handler", "eval_handlers",
+                                 "key_metric", "evaluator#key_val_metric", "mask_metrics"}
     brats, chaos = _raw("brats", "inference.json"), _raw("chaos", "inference.json")
     # the tuned values come from the task registry (monai_wsss.data.TASKS), not from the configs
     assert {k for k in brats if brats[k] != chaos.get(k)} == {"bundle_root", "task", "modality"}
@@ -286,6 +290,10 @@ def test_evaluate_writes_csv_markdown_summary_and_overlays(env, tmp_path, method
     scored = [r for r in rows if int(r["num_positive_slices"]) > 0]
     assert scored and all(0.0 <= float(r["slice_dice"]) <= 1.0 for r in scored)
     assert json.loads((out / "summary.json").read_text())["num_cases"] == 3
+    # the evaluator's key metric (MONAI's MeanDice on the masks in model orientation) is the report's volume Dice
+    # (scored on the masks written back in each scan's space), over the scans with a target
+    volume_dice = [float(r["volume_dice"]) for r in rows if int(r["num_positive_slices"]) > 0]
+    assert result["metrics"]["val_mean_dice"] == pytest.approx(sum(volume_dice) / len(volume_dice), abs=1e-4)
     text = (out / "summary.md").read_text()
     assert f"| {method} |" in text and "## Per case" in text
     pngs = sorted(p.name for p in (out / "overlays").glob("*.png"))
@@ -455,18 +463,28 @@ def test_preprocessing_inferer_postprocessing_make_the_workflows_mask_as_monai_l
     )
 
 
+def test_the_key_metric_scores_this_runs_scans_and_is_nan_when_a_rerun_has_none_left(env, tmp_path, caplog):
+    first = run_bundle(env, "evaluate.json", dataset_dir=str(env["brats"]), output_dir=str(tmp_path), num_overlays=0)
+    assert 0.0 <= first["metrics"]["val_mean_dice"] <= 1.0
+    with caplog.at_level("WARNING", logger="monai_wsss.handlers.volume_metric"):
+        rerun = run_bundle(env, "evaluate.json", dataset_dir=str(env["brats"]), output_dir=str(tmp_path), num_overlays=0)
+    assert math.isnan(rerun["metrics"]["val_mean_dice"]) and "no scan was segmented in this run" in caplog.text
+    assert rerun["summary"]["volume_dice"] == pytest.approx(first["summary"]["volume_dice"])  # the report: every scan
+
+
 @pytest.mark.slow
 def test_two_process_inference_shards_the_scans_and_shares_one_threshold(env, tmp_path):
-    """multi_gpu_inference.json under torchrun (2 CPU processes, gloo): each rank segments its share of the scans
-    into <output_dir>/rank<k>/, and the dataset-level average Otsu threshold is that of the whole dataset."""
-    single = run_bundle(env, "inference.json", method="threshold", dataset_dir=str(env["brats"]),
-                        output_dir=str(tmp_path / "single"), spatial_size=[SIZE, SIZE])
+    """multi_gpu_inference.json under torchrun (2 CPU processes, gloo), here with evaluate.json: each rank segments
+    its share of the scans into <output_dir>/rank<k>/; the dataset-level average Otsu threshold, the key metric and
+    the report's pooled scores are those of the whole dataset."""
+    single = run_bundle(env, "evaluate.json", method="threshold", dataset_dir=str(env["brats"]),
+                        output_dir=str(tmp_path / "single"), spatial_size=[SIZE, SIZE], num_overlays=0)
     configs = [str(BUNDLES["brats"] / "configs" / f) for f in
-               ("inference.json", "inference_threshold.json", "multi_gpu_inference.json")]
+               ("inference.json", "inference_threshold.json", "evaluate.json", "multi_gpu_inference.json")]
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "monai.bundle",
         "run", "--config_file", str(configs), "--dataset_dir", str(env["brats"]), "--output_dir", str(tmp_path / "multi"),
-        "--progress", "false", "--spatial_size", repr([SIZE, SIZE]),
+        "--progress", "false", "--spatial_size", repr([SIZE, SIZE]), "--num_overlays", "0",
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -477,3 +495,12 @@ def test_two_process_inference_shards_the_scans_and_shares_one_threshold(env, tm
         for row in rows:
             assert float(row["threshold"]) == pytest.approx(single["threshold"], abs=1e-6)
             assert_input_space(next(it["image"] for it in env["items"] if it["case"] == row["case"]), row["mask"])
+    # each rank's key metric (MONAI gathers the per-scan Dice of every rank) is the one-process run's mean
+    pooled = [float(v) for v in re.findall(r"best metric of val_mean_dice: (\S+)", proc.stdout + proc.stderr)]
+    assert len(pooled) == 2 and pooled == pytest.approx([single["metrics"]["val_mean_dice"]] * 2, abs=1e-6)
+    # and each rank's report pools the cases of both (its metrics.csv lists its own shard)
+    for k in (0, 1):
+        report = json.loads((tmp_path / "multi" / f"rank{k}" / "summary.json").read_text())
+        for key in ("num_cases", "num_positive_slices", "slice_dice", "volume_dice", "slice_auroc", "pixel_auroc"):
+            assert report[key] == pytest.approx(single["summary"][key], abs=1e-6), (k, key)
+        assert len(read_csv(tmp_path / "multi" / f"rank{k}" / "metrics.csv")) == len(shards[k])

@@ -89,7 +89,8 @@ class VolumeEvaluation:
         self._slice_values: dict[str, list[float]] = {k: [] for k in ("dice", "iou", "hd95", "hd95_mm")}
         self._volume_values: dict[str, list[float]] = {k: [] for k in ("dice", "iou", "hd95", "hd95_mm")}
         self._counts = {"num_hd95_missing": 0, "num_negative": 0, "num_negative_with_prediction": 0, "num_excluded": 0}
-        self._slice_auc = SliceAUCMetric(slice_axis=self.slice_axis)
+        # per-process buffers: aggregate() gathers the whole state of every rank at once
+        self._slice_auc = SliceAUCMetric(slice_axis=self.slice_axis, all_ranks=False)
 
     def _kept_slices(self, seg: torch.Tensor) -> torch.Tensor:
         """Indices of the slices scored at slice level (all but the small-target ones under the CHAOS rule)."""
@@ -150,7 +151,7 @@ class VolumeEvaluation:
             raise ValueError(f"case {case}: mask {tuple(p.shape)} and seg {tuple(y.shape)} differ.")
         keep = self._kept_slices(y)
         sp = None if spacing is None else [float(s) for s in spacing]
-        per_slice = SegmentationScores(level="slice", slice_axis=self.slice_axis, spacing=sp)
+        per_slice = SegmentationScores(level="slice", slice_axis=self.slice_axis, spacing=sp, all_ranks=False)
         per_slice(self._select(p, keep)[None], self._select(y, keep)[None])
         s_scores, s_agg = per_slice.get_scores(), per_slice.aggregate()
         for key in self._slice_values:
@@ -159,7 +160,7 @@ class VolumeEvaluation:
             self._counts[key] += int(s_agg[key])
         self._counts["num_excluded"] += int(y.shape[self.slice_axis + 1] - keep.numel())
 
-        per_volume = SegmentationScores(level="volume", spacing=sp)
+        per_volume = SegmentationScores(level="volume", spacing=sp, all_ranks=False)
         per_volume(p[None], y[None])
         v_scores = per_volume.get_scores()
         for key in self._volume_values:
@@ -183,8 +184,17 @@ class VolumeEvaluation:
         )
         return row
 
+    def _state(self) -> dict:
+        """What the pooled scores are computed from (picklable): the rows, score lists, counts and slice scores."""
+        slices = self._slice_auc.get_buffer()  # (score, label) of every scored slice of this process, or None
+        return {"rows": self.rows, "slice": self._slice_values, "volume": self._volume_values, "counts": self._counts,
+                "slice_scores": slices}
+
     def aggregate(self) -> dict:
         """
+        Under ``torch.distributed`` (each rank scoring its shard of the cases), the cases of every rank are pooled
+        first (a collective: every rank calls it once), so each rank returns the scores of the whole dataset.
+
         Returns:
             pooled scores: ``slice_*`` means and ``*_std`` over all positive slices, ``volume_*`` over all
             volumes with target, ``pixel_auroc`` / ``pixel_auprc`` means over the cases with target,
@@ -192,26 +202,35 @@ class VolumeEvaluation:
             ``num_cases``, ``num_positive_slices``, ``num_hd95_missing``, ``num_negative_slices``,
             ``num_negative_with_prediction``, ``num_excluded_slices``.
         """
-        out: dict = {"num_cases": len(self.rows)}
-        for key, values in self._slice_values.items():
+        states = [self._state()]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            states = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(states, self._state())
+        rows = [r for st in states for r in st["rows"].values()]
+        slice_values = {k: [v for st in states for v in st["slice"][k]] for k in self._slice_values}
+        volume_values = {k: [v for st in states for v in st["volume"][k]] for k in self._volume_values}
+        counts = {k: sum(st["counts"][k] for st in states) for k in self._counts}
+        out: dict = {"num_cases": len(rows)}
+        for key, values in slice_values.items():
             out[f"slice_{key}"], out[f"slice_{key}_std"] = _mean_std(values)
-        for key, values in self._volume_values.items():
+        for key, values in volume_values.items():
             out[f"volume_{key}"], out[f"volume_{key}_std"] = _mean_std(values)
         for key in ("pixel_auroc", "pixel_auprc"):
-            out[key], out[f"{key}_std"] = _mean_std([r.get(key, float("nan")) for r in self.rows.values()])
-        out["num_positive_slices"] = len(self._slice_values["dice"])
-        out["num_positive_volumes"] = len(self._volume_values["dice"])
-        out["num_hd95_missing"] = self._counts["num_hd95_missing"]
-        out["num_negative_slices"] = self._counts["num_negative"]
-        out["num_negative_with_prediction"] = self._counts["num_negative_with_prediction"]
-        out["num_excluded_slices"] = self._counts["num_excluded"]
-        try:
+            out[key], out[f"{key}_std"] = _mean_std([r.get(key, float("nan")) for r in rows])
+        out["num_positive_slices"] = len(slice_values["dice"])
+        out["num_positive_volumes"] = len(volume_values["dice"])
+        out["num_hd95_missing"] = counts["num_hd95_missing"]
+        out["num_negative_slices"] = counts["num_negative"]
+        out["num_negative_with_prediction"] = counts["num_negative_with_prediction"]
+        out["num_excluded_slices"] = counts["num_excluded"]
+        scored = [st["slice_scores"] for st in states if st["slice_scores"] is not None]
+        out["slice_auroc"] = out["slice_auprc"] = float("nan")  # no map was added
+        if scored:
+            slices = torch.cat(scored, 0)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # one class only: nan, said in the table
-                auc = self._slice_auc.aggregate()
+                auc = compute_auroc_auprc(slices[:, 0], slices[:, 1])
             out["slice_auroc"], out["slice_auprc"] = auc["auroc"], auc["auprc"]
-        except ValueError:  # no map was added
-            out["slice_auroc"] = out["slice_auprc"] = float("nan")
         return out
 
 

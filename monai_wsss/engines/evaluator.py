@@ -61,6 +61,10 @@ class VolumeEvaluator(SupervisedEvaluator):
     :py:class:`~monai_wsss.apps.FailedVolumesError` after every other scan is written. ``KeyboardInterrupt`` and
     other non-``Exception`` errors end the run as usual.
 
+    The key metric and additional metrics are attached after ``val_handlers``, so that a metric that also takes the
+    masks a handler makes at the end of the run (:py:class:`~monai_wsss.handlers.VolumeMeanDice` as a consumer of
+    :py:class:`~monai_wsss.handlers.DatasetThresholdHandler`) is computed once they are all in.
+
     Args:
         args, kwargs: those of ``SupervisedEvaluator``.
         skip_failed: record and skip failing scans (``False``: any error ends the run, as in
@@ -75,7 +79,13 @@ class VolumeEvaluator(SupervisedEvaluator):
     """
 
     def __init__(self, *args: Any, skip_failed: bool = True, failed_key: str = FAILED_KEY, **kwargs: Any) -> None:
+        # the metrics are attached after the handlers (MONAI attaches them first): their end-of-epoch values then
+        # include the masks that handlers make at the end of the run (DatasetThresholdHandler's consumers)
+        key_val_metric = kwargs.pop("key_val_metric", None)
+        additional_metrics = kwargs.pop("additional_metrics", None)
         super().__init__(*args, **kwargs)
+        if key_val_metric is not None:
+            self._register_metrics(key_val_metric, additional_metrics)
         self.skip_failed = bool(skip_failed)
         self.failed_key = failed_key
 

@@ -15,6 +15,8 @@ from monai.metrics.average_precision import compute_average_precision
 from monai.metrics.rocauc import compute_roc_auc
 from monai.utils import convert_to_tensor, optional_import
 
+from monai_wsss.metrics.cumulative import RankLocalOption
+
 from .segmentation import check_binary, slices_along
 
 __all__ = ["compute_auroc_auprc", "PixelAUCMetric", "SliceAUCMetric"]
@@ -160,7 +162,7 @@ class PixelAUCMetric(IterationMetric):
         return out
 
 
-class SliceAUCMetric(CumulativeIterationMetric):
+class SliceAUCMetric(RankLocalOption, CumulativeIterationMetric):
     """
     Slice-level AUROC and AUPRC of the map's maximum as an anomaly score.
 
@@ -176,6 +178,8 @@ class SliceAUCMetric(CumulativeIterationMetric):
 
     Args:
         slice_axis: spatial axis along which volumes are sliced.
+        all_ranks: under ``torch.distributed``, gather the slices of every rank when they are read (MONAI's
+            default); ``False``: this process's only.
 
     Returns (``aggregate``):
         ``{"auroc": float, "auprc": float, "num_slices": int, "num_positive": int}``.
@@ -190,8 +194,9 @@ class SliceAUCMetric(CumulativeIterationMetric):
         slice_auc.aggregate()["auroc"]
     """
 
-    def __init__(self, slice_axis: int = -1) -> None:
+    def __init__(self, slice_axis: int = -1, all_ranks: bool = True) -> None:
         super().__init__()
+        self.all_ranks = bool(all_ranks)
         if not isinstance(slice_axis, (int, np.integer)) or not -3 <= int(slice_axis) <= 2:
             raise ValueError(f"`slice_axis` must be a spatial axis in [-3, 2], got {slice_axis!r}.")
         self.slice_axis = int(slice_axis) % 3

@@ -18,6 +18,8 @@ from monai.metrics.meaniou import compute_iou
 from monai.config.type_definitions import NdarrayOrTensor
 from monai.utils import convert_to_tensor
 
+from monai_wsss.metrics.cumulative import RankLocalOption
+
 __all__ = ["SegmentationScores", "SEGMENTATION_LEVELS", "binary_dice", "check_binary", "slices_along"]
 
 SEGMENTATION_LEVELS = ("slice", "volume")
@@ -111,7 +113,7 @@ def _per_item_spacing(spacing: SpacingLike, batch: int, spatial_dims: int) -> li
     return per_item
 
 
-class SegmentationScores(CumulativeIterationMetric):
+class SegmentationScores(RankLocalOption, CumulativeIterationMetric):
     """
     Dice, IoU and HD95 (pixels and mm) of binary masks, per positive slice or per volume.
 
@@ -136,6 +138,8 @@ class SegmentationScores(CumulativeIterationMetric):
             slices), or one such sequence per batch item. ``None``: HD95 in mm is ``nan``.
         percentile: Hausdorff distance percentile (95 for HD95).
         distance_metric: ``"euclidean"``, ``"chessboard"`` or ``"taxicab"`` (MONAI's options).
+        all_ranks: under ``torch.distributed``, gather the scores of every rank when they are read (MONAI's
+            default); ``False``: this process's only (e.g. the slices of one scan).
 
     Call with ``scores(y_pred, y, spacing=None)``: binary ``y_pred`` and ``y`` of the same shape;
     ``spacing`` overrides the default for that batch. ``aggregate()`` returns a dict; ``get_scores()``
@@ -161,8 +165,10 @@ class SegmentationScores(CumulativeIterationMetric):
         spacing: SpacingLike = None,
         percentile: float = 95.0,
         distance_metric: str = "euclidean",
+        all_ranks: bool = True,
     ) -> None:
         super().__init__()
+        self.all_ranks = bool(all_ranks)
         if level not in SEGMENTATION_LEVELS:
             raise ValueError(f"`level` must be one of {SEGMENTATION_LEVELS}, got {level!r}.")
         self.level = level
