@@ -26,9 +26,11 @@ EXPECTED = {
 
 _PROBE = "KERNEL_PYTHON="
 #: diffusion epochs of notebooks 01 and 02 in the tests, through their documented parameter
-#: ``MONAI_WSSS_TUTORIAL_EPOCHS`` (unset, they train the demo's 20 and 30 epochs): the first notebook's training was
-#: the suite's floor. Enough for the trained maps to beat the chance level, which both tests still require.
-TUTORIAL_EPOCHS = 8
+#: ``MONAI_WSSS_TUTORIAL_EPOCHS`` (unset, they train the demo's 10 and 30 epochs): the first notebook's training is
+#: the suite's floor. Each is the fewest measured to keep its trained maps above the chance level, which both tests
+#: require: notebook 01's CDM scored slice Dice 0.011 after 4 epochs (chance 0.119), so it keeps 8; notebook 02's
+#: four diffusion methods averaged 0.153 after 4 epochs (whole brain 0.058).
+TUTORIAL_EPOCHS = {"01_cdm_end_to_end.ipynb": 8, "02_three_inferers.ipynb": 4}
 _NUMBER = r"(-?\d+\.\d+|nan)"
 
 
@@ -130,9 +132,10 @@ def _value(stdout: str, label: str) -> float:
 
 @pytest.mark.slow
 def test_tutorial_01_cdm_end_to_end(tmp_path, monkeypatch):
-    monkeypatch.setenv("MONAI_WSSS_TUTORIAL_EPOCHS", str(TUTORIAL_EPOCHS))
+    epochs = TUTORIAL_EPOCHS["01_cdm_end_to_end.ipynb"]
+    monkeypatch.setenv("MONAI_WSSS_TUTORIAL_EPOCHS", str(epochs))
     nb, _, stdout = _execute("01_cdm_end_to_end.ipynb", tmp_path, monkeypatch)
-    assert f"trained {TUTORIAL_EPOCHS} epochs" in stdout  # the parameter reached the training
+    assert f"trained {epochs} epochs" in stdout  # the parameter reached the training
     assert _figures(nb) >= 5  # data, weak labels, loss, overlays + histogram, the pipeline's overlay PNG
     cdm = _value(stdout, "CDM slice Dice")
     chance = _value(stdout, "whole-brain (chance) slice Dice")
@@ -144,9 +147,10 @@ def test_tutorial_01_cdm_end_to_end(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_tutorial_02_three_inferers(tmp_path, monkeypatch):
-    monkeypatch.setenv("MONAI_WSSS_TUTORIAL_EPOCHS", str(TUTORIAL_EPOCHS))
+    epochs = TUTORIAL_EPOCHS["02_three_inferers.ipynb"]
+    monkeypatch.setenv("MONAI_WSSS_TUTORIAL_EPOCHS", str(epochs))
     nb, _, stdout = _execute("02_three_inferers.ipynb", tmp_path, monkeypatch)
-    assert f"{TUTORIAL_EPOCHS} epochs, " in stdout  # the parameter reached the training
+    assert f"{epochs} epochs, " in stdout  # the parameter reached the training
     assert _figures(nb) >= 1
     dice = {name: _value(stdout, f"Dice {name}") for name in ("CDM", "CG-CDM", "CG-Diff", "CFG", "intensity threshold", "whole brain")}
     assert all(0.0 <= d <= 1.0 for d in dice.values()), dice
