@@ -463,6 +463,27 @@ def test_preprocessing_inferer_postprocessing_make_the_workflows_mask_as_monai_l
     )
 
 
+def test_each_scan_is_compared_with_the_intensity_profile_beside_the_model(env, tmp_path, caplog):
+    from monai_wsss.apps import intensity_profile_beside
+
+    # the bundle's own weights come with the profile of their training scans
+    assert intensity_profile_beside(BUNDLES["brats"] / "models" / "model.pt") == str(
+        BUNDLES["brats"] / "models" / "intensity_profile.json")
+    with caplog.at_level("WARNING", logger="monai_wsss.apps.inputs"):
+        assert intensity_profile_beside(tmp_path / "model.pt") is None
+    assert "no intensity_profile.json beside" in caplog.text
+    # a profile no synthetic scan falls in: every scan is named in a warning, and the run still segments them all
+    profile = tmp_path / "narrow_profile.json"
+    profile.write_text(json.dumps({"low": 0.99, "high": 1.0, "num_scans": 1}))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="monai_wsss.transforms.validation"):
+        result = run_bundle(env, "inference.json", method="threshold", dataset_dir=str(env["brats"]),
+                            output_dir=str(tmp_path / "out"), intensity_profile=str(profile))
+    assert len(result["rows"]) == len(env["items"])
+    for item in env["items"]:
+        assert f"{Path(item['image']).name}: 90th percentile of the normalised body intensity" in caplog.text
+
+
 def test_the_key_metric_scores_this_runs_scans_and_is_nan_when_a_rerun_has_none_left(env, tmp_path, caplog):
     first = run_bundle(env, "evaluate.json", dataset_dir=str(env["brats"]), output_dir=str(tmp_path), num_overlays=0)
     assert 0.0 <= first["metrics"]["val_mean_dice"] <= 1.0

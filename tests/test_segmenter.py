@@ -290,6 +290,10 @@ def test_train_segmentation_then_evaluate_with_gate_and_components(cases, tmp_pa
     datalist = json.loads((tmp_path / "outputs" / "train" / "datalist.json").read_text())
     # training scans (what the network learns from) and validation scans (what selects its checkpoint, without masks)
     assert len(pseudo) == len(datalist["training"]) + len(datalist["validation"])
+    # beside the weights: the intensity profile of the training scans, which inference compares each scan with
+    profile = json.loads((models / "intensity_profile.json").read_text())
+    assert sorted(profile["values"]) == sorted(item["case"] for item in datalist["training"])
+    assert 0 < profile["low"] <= profile["high"] <= 1
     # perturb the trained weights so the tiny network gives a real (non-constant) map, then evaluate
     gen = torch.Generator().manual_seed(0)
     torch.save({k: v + 0.05 * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v

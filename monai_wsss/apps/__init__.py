@@ -2,7 +2,14 @@
 """Ready-made applications: whole-volume segmentation and evaluation (what the bundles' inference and evaluate
 configs call), method selection by name, input listing, weight loading, reports and overlays."""
 
-from monai_wsss.apps.inputs import check_component_size, list_volumes, load_weights, locate_bundle_root
+from monai_wsss.apps.inputs import (
+    INTENSITY_PROFILE_NAME,
+    check_component_size,
+    intensity_profile_beside,
+    list_volumes,
+    load_weights,
+    locate_bundle_root,
+)
 from monai_wsss.apps.methods import (
     CLASSIFIER_METHODS,
     METHODS,
@@ -37,7 +44,9 @@ from monai_wsss.apps.reports import (
 )
 
 __all__ = [
+    "INTENSITY_PROFILE_NAME",
     "check_component_size",
+    "intensity_profile_beside",
     "CLASSIFIER_METHODS",
     "MANIFEST_NAME",
     "METHODS",

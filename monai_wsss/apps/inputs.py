@@ -1,8 +1,10 @@
 # Copyright (c) monai_wsss contributors. Licensed under the Apache License, Version 2.0.
-"""What a segmentation run reads: the volumes to segment, the bundle folder, the trained weights."""
+"""What a segmentation run reads: the volumes to segment, the bundle folder, the trained weights and their
+intensity profile."""
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -15,7 +17,16 @@ import torch
 from monai_wsss.bundle.options import config_files_from_argv
 from monai_wsss.data import TaskPreset, get_task, load_datalist
 
-__all__ = ["check_component_size", "list_volumes", "locate_bundle_root", "load_weights"]
+__all__ = [
+    "INTENSITY_PROFILE_NAME",
+    "check_component_size",
+    "intensity_profile_beside",
+    "list_volumes",
+    "locate_bundle_root",
+    "load_weights",
+]
+
+logger = logging.getLogger(__name__)
 
 _NIFTI = (".nii.gz", ".nii")
 
@@ -309,3 +320,32 @@ def load_weights(
             "the network definition must match the one it was trained with."
         ) from None
     return network.to(device).eval()
+
+
+#: file name of a model's intensity profile, beside its weights (written by the bundles' train.json)
+INTENSITY_PROFILE_NAME = "intensity_profile.json"
+
+
+def intensity_profile_beside(model_path: str | os.PathLike | None) -> str | None:
+    """
+    The intensity profile (:py:func:`~monai_wsss.data.write_intensity_profile`) that sits beside a model's weights,
+    for the inference's check that each scan looks like the training scans
+    (:py:class:`~monai_wsss.transforms.CheckIntensityProfiled`), or ``None`` (with a warning) when there is none:
+    weights trained elsewhere run unchecked rather than refused.
+
+    Args:
+        model_path: the weights' path (``None``: no check).
+
+    Returns:
+        the profile's path, or ``None``.
+    """
+    if model_path is None:
+        return None
+    profile = Path(model_path).parent / INTENSITY_PROFILE_NAME
+    if not profile.is_file():
+        logger.warning(
+            f"no {INTENSITY_PROFILE_NAME} beside {model_path}: scans are not compared with the model's training scans "
+            "(train.json writes it; or monai_wsss.data.write_intensity_profile)"
+        )
+        return None
+    return str(profile)

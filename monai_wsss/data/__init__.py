@@ -12,6 +12,15 @@ from monai_wsss.data.datalist import (
     write_datalist,
 )
 from monai_wsss.data.fail_safe import FAILED_KEY, FailSafeDataset, failure_record
+from monai_wsss.data.intensity_profile import (
+    PROFILE_PERCENTILE,
+    PROFILE_STATISTIC,
+    body_percentile,
+    check_intensity_profile,
+    intensity_profile,
+    load_intensity_profile,
+    write_intensity_profile,
+)
 from monai_wsss.data.tasks import MAP_THRESHOLD_MODES, NORMALIZE_SCOPES, TASKS, DatasetLayout, MethodDefaults, TaskPreset, get_task
 from monai_wsss.data.slice_dataset import (
     SLICE_SPLITS,
@@ -25,6 +34,13 @@ from monai_wsss.data.slice_labels import LABELS_HEADER, UNLABELLED, SliceLabels,
 from monai_wsss.data.synthetic import make_synthetic_dataset, synthetic_brain_volume
 
 __all__ = [
+    "PROFILE_PERCENTILE",
+    "PROFILE_STATISTIC",
+    "body_percentile",
+    "check_intensity_profile",
+    "intensity_profile",
+    "load_intensity_profile",
+    "write_intensity_profile",
     "FAILED_KEY",
     "FailSafeDataset",
     "failure_record",

@@ -15,7 +15,7 @@ from monai_wsss.transforms.model_space import (
     slices_to_model_space,
 )
 from monai_wsss.transforms.slicing import SliceVolumed, slice_foreground_fraction
-from monai_wsss.transforms.validation import ValidateVolumed
+from monai_wsss.transforms.validation import CheckIntensityProfile, CheckIntensityProfiled, ValidateVolumed
 from monai_wsss.transforms.weak_label import MapTargetLabels, MapTargetLabelsd, WeakSliceLabel, WeakSliceLabeld
 
 # --- map post-processing (eval helper) ---
@@ -48,6 +48,8 @@ __all__ = [
     "ScaleIntensityNonzeroPercentiles",
     "ScaleIntensityNonzeroPercentilesd",
     "SliceVolumed",
+    "CheckIntensityProfile",
+    "CheckIntensityProfiled",
     "ValidateVolumed",
     "WeakSliceLabel",
     "WeakSliceLabeld",
