@@ -357,3 +357,18 @@ def test_seeded_evaluation_repeats_noise_and_restores_the_stream():
     seeded.seed_rng()
     assert torch.equal(torch.rand(3), first)  # every evaluation round draws the same noise
     seeded.restore_rng()
+
+
+def test_both_bundles_train_the_default_network_with_one_augmentation_recipe():
+    """The segmenter's augmentation (flips, affine, random gamma and intensity scaling) is one recipe: a change to
+    one bundle's train.json that the other does not get is a task fact, and belongs in the task registry."""
+    from monai.bundle import ConfigParser
+
+    recipes = []
+    for bundle in sorted(BUNDLES):
+        parser = ConfigParser()
+        parser.read_config(str(BUNDLES[bundle] / "configs" / "train.json"))
+        recipes.append(parser.get("train#preprocessing"))
+    assert recipes[0] == recipes[1]
+    targets = [t["_target_"] for t in recipes[0]["transforms"]]
+    assert {"RandAdjustContrastd", "RandScaleIntensityd"} <= set(targets)

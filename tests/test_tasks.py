@@ -49,7 +49,7 @@ def test_every_method_has_defaults_on_every_task_and_says_where_they_were_chosen
 
 def test_tuned_defaults_are_the_documented_ones():
     assert [default_threshold("segmenter", t) for t in ("brats", "chaos")] == [0.5, 0.3]
-    assert [default_min_component_size("segmenter", t) for t in ("brats", "chaos")] == [1000, 1000]
+    assert [default_min_component_size("segmenter", t) for t in ("brats", "chaos")] == [1000, 0]
     assert [default_threshold("cg_cdm", t) for t in ("brats", "chaos")] == ["average_otsu", "otsu"]
     assert [default_normalize_per("cdm", t) for t in ("brats", "chaos")] == ["volume", "slice"]
     assert [default_map_mode("cdm", t) for t in ("brats", "chaos")] == ["signed", "abs"]
