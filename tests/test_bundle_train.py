@@ -372,3 +372,37 @@ def test_both_bundles_train_the_default_network_with_one_augmentation_recipe():
     assert recipes[0] == recipes[1]
     targets = [t["_target_"] for t in recipes[0]["transforms"]]
     assert {"RandAdjustContrastd", "RandScaleIntensityd"} <= set(targets)
+
+
+@pytest.mark.parametrize("bundle", sorted(BUNDLES))
+def test_the_papers_gpu_recipe_composes_with_training_and_inference(bundle, datasets, tmp_path):
+    """train_diffusion_paper_gpu.json / cdm_paper_gpu.json: the paper's network, schedule and setting,
+    stacked on this bundle's configs; one training step runs on CPU at 1/16 of the width and 64 x 64."""
+    from monai.networks.schedulers import DDPMScheduler
+
+    configs = BUNDLES[bundle] / "configs"
+    train = ConfigParser()
+    train.read_config([str(configs / "train_diffusion.json"), str(configs / "train_diffusion_paper_gpu.json")])
+    infer = ConfigParser()
+    infer.read_config([str(configs / f) for f in ("inference.json", "inference_cdm.json", "cdm_paper_gpu.json")])
+    # one network in both: guided-diffusion's 128 channels x (1, 1, 2, 2, 4, 4), 3 residual blocks, attention at the
+    # two coarsest levels, 4 heads
+    for parser, key in ((train, "network_def"), (infer, "diffusion_def")):
+        net = {k: parser.get(f"{key}#{k}") for k in ("channels", "attention_levels", "num_res_blocks", "num_head_channels")}
+        assert net == {"channels": [128, 128, 256, 256, 512, 512], "attention_levels": [False] * 4 + [True] * 2,
+                       "num_res_blocks": 3, "num_head_channels": [c // 4 for c in net["channels"]]}
+        assert parser.get("spatial_size") == [256, 256]
+    # 4000 steps whose betas are the 1000-step schedule's divided by 4: Q = 400 of 4000 noises as Q = 100 of 1000
+    paper = train.get_parsed_content("scheduler")
+    assert paper.num_train_timesteps == 4000 and infer.get_parsed_content("scheduler").num_train_timesteps == 4000
+    ours = DDPMScheduler(num_train_timesteps=1000, schedule="linear_beta", beta_start=1e-4, beta_end=0.02)
+    assert float(paper.alphas_cumprod[400]) == pytest.approx(float(ours.alphas_cumprod[100]), abs=2e-3)
+    assert [infer.get_parsed_content(k) for k in ("noise_level", "num_steps", "tau")] == [400, 10, 0.95]
+    # one step of the recipe on CPU, narrower and smaller (its EMA included)
+    run(config_file=[str(configs / "train_diffusion.json"), str(configs / "train_diffusion_paper_gpu.json")],
+        bundle_root=str(tmp_path), dataset_dir=datasets[bundle], max_epochs=1, epoch_length=1, val_interval=2,
+        progress_bar=False, spatial_size=[64, 64], **{"network_def#channels": [8, 8, 16, 16, 32, 32],
+        "network_def#num_head_channels": [2, 2, 4, 4, 8, 8], "network_def#norm_num_groups": 4,
+        **({"null_class": True} if bundle == "chaos" else {})})
+    checkpoint = _load_state(tmp_path / "outputs" / "train_diffusion" / "checkpoints" / "checkpoint_epoch=1.pt")
+    assert checkpoint["trainer"]["iteration"] == 1 and checkpoint["ema"]["num_updates"] == 1
