@@ -394,12 +394,18 @@ def _run_step(step: DemoStep) -> tuple[float, dict]:
     return time.perf_counter() - start, summary
 
 
+def _log_to_stdout() -> None:
+    """The demo's logging, in its main process and in every step process alike: INFO lines on stdout, one
+    training line per epoch."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(name)s - %(message)s", stream=sys.stdout)
+    log_one_line_per_epoch()
+
+
 def _start_worker(threads: int) -> None:
     """A step process: the demo's logging and thread count (each step seeds itself from its config)."""
     from monai_wsss.utils import reuse_freed_memory
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(name)s - %(message)s", stream=sys.stdout)
-    log_one_line_per_epoch()
+    _log_to_stdout()
     torch.set_num_threads(threads)
     reuse_freed_memory()
 
@@ -729,8 +735,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             print(f"\nthe table of {summary_file}, for the README:\n{result_table(summaries)}")
             raise SystemExit(1)
         return {"summaries": summaries, "differences": diffs}
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(name)s - %(message)s", stream=sys.stdout)
-    log_one_line_per_epoch()
+    _log_to_stdout()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     settings = dict(QUICK_SETTINGS if args.quick else DEMO_SETTINGS)

@@ -160,14 +160,15 @@ class CheckIntensityProfile(Transform):
 
     def warning(self, img: NdarrayOrTensor) -> str | None:
         """The warning for a normalised image, or ``None`` when it lies within the training scans' range."""
-        from monai_wsss.data.intensity_profile import body_percentile
+        from monai_wsss.data.intensity_profile import PROFILE_PERCENTILE, body_percentile
 
         value = body_percentile(convert_to_tensor(img, track_meta=False))
         if self.low <= value <= self.high:
             return None
         side = "below" if value < self.low else "above"
         return (
-            f"{source_name(img)}: 90th percentile of the normalised body intensity {value:.3f}, {side} the "
+            f"{source_name(img)}: {PROFILE_PERCENTILE:g}th percentile of the normalised body intensity "
+            f"{value:.3f}, {side} the "
             f"{self.profile['low']:.3f}-{self.profile['high']:.3f} of the model's "
             f"{self.profile.get('num_scans', '?')} training scans (margin {self.tolerance:g}): the scan's "
             "intensities are unlike any it was trained on (e.g. a large bright structure that is not the target); "
