@@ -62,6 +62,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.3, 0.4, 0.5, 0.6, 0.7])
     p.add_argument("--gates", type=float, nargs="+", default=[0.3, 0.5, 0.7], help="slice gates (plus no gate)")
     p.add_argument("--components", type=int, nargs="+", default=[0, 100, 1000])
+    p.add_argument("--flip_axes", type=int, nargs="*", default=[],
+                   help="segmenter: mirrored test-time augmentation along these slice axes (0: left-right)")
     p.add_argument("--criterion", choices=("labels", "pixel_masks"), default="labels")
     p.add_argument("--labels", help="labels CSV (case,slice,label); --criterion labels")
     p.add_argument("--pseudo_dir", help="folder of the validation scans' <case>_pseudo.nii.gz; --criterion labels")
@@ -82,7 +84,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.method == "segmenter":
         net = load_weights(cfg.get_parsed_content("network_def"),
                            args.model_path or f"{args.bundle_root}/models/model.pt", "cpu", name="segmenter")
-        inferer, roi = build_method_inferer("segmenter", network=net), tuple(cfg.get("roi_size"))
+        inferer, roi = build_method_inferer("segmenter", network=net, flip_axes=args.flip_axes), tuple(cfg.get("roi_size"))
         thresholds = args.thresholds
     else:
         net, inferer, roi = None, build_method_inferer("volume_threshold"), tuple(cfg.get("spatial_size"))

@@ -266,6 +266,26 @@ def test_inference_is_reproducible_with_its_seed(env, tmp_path):
     assert not np.array_equal(maps[0], maps[2])
 
 
+def test_mirrored_test_time_augmentation_from_the_command_line_is_left_right_on_the_scan(env, tmp_path):
+    """``--inferer#inferer#flip_axes "[0]"`` averages the segmenter over the scan and its left-right mirror: the map
+    of the mirrored scan is then the mirror of the scan's map (the plain network's is not)."""
+    item = env["items"][0]
+    scan = nib.load(item["image"])
+    mirrored = tmp_path / "mirrored.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(scan.dataobj)[::-1].copy(), scan.affine, scan.header), str(mirrored))
+
+    def segmenter_map(image, name, **overrides):
+        result = run_bundle(env, "inference.json", image=str(image), output_dir=str(tmp_path / name), **overrides)
+        return np.asarray(nib.load(result["rows"][0]["map"]).dataobj)
+
+    tta = {"inferer#inferer#flip_axes": [0]}
+    plain, plain_mirrored = segmenter_map(item["image"], "plain"), segmenter_map(mirrored, "plain_mirrored")
+    averaged, averaged_mirrored = segmenter_map(item["image"], "tta", **tta), segmenter_map(mirrored, "tta_mirrored", **tta)
+    assert not np.allclose(plain_mirrored, plain[::-1], atol=1e-3)
+    np.testing.assert_allclose(averaged_mirrored, averaged[::-1], atol=1e-4)
+    assert not np.allclose(averaged, plain, atol=1e-3)
+
+
 @pytest.mark.parametrize("source", ["image", "dataset_dir_file"])
 def test_single_nifti_file(env, tmp_path, source):
     item = env["items"][1]

@@ -219,6 +219,28 @@ def test_build_slice_dataset_train_eval_all(brats_root):
         build_slice_dataset(items, "liver")
 
 
+def test_context_slices_stack_each_slices_neighbours_of_the_same_scan_as_channels(brats_root, tmp_path):
+    items = build_brats_datalist(brats_root)
+    single = build_slice_dataset(items, "brats", spatial_size=(32, 32), split="all", cache_dir=tmp_path)
+    stacked = build_slice_dataset(items, "brats", spatial_size=(32, 32), split="all", cache_dir=tmp_path, context_slices=1)
+    assert len(list(tmp_path.iterdir())) == 1  # one cache for every context
+    by_slice = {(d["case"], d["slice_index"]): d for d in single}
+    n = SHAPE[2]
+    assert len(stacked) == len(single)
+    for d in stacked:
+        j, case = d["slice_index"], d["case"]
+        assert d["image"].shape == (3, 32, 32)
+        for channel, k in enumerate((max(j - 1, 0), j, min(j + 1, n - 1))):  # the scan's own neighbours, edges repeated
+            torch.testing.assert_close(d["image"][channel], by_slice[(case, k)]["image"][0])
+        torch.testing.assert_close(d["seg"], by_slice[(case, j)]["seg"])  # the target stays the centre slice's
+        assert d["label"] == by_slice[(case, j)]["label"]
+    train = build_slice_dataset(items, "brats", spatial_size=(32, 32), split="train", cache_dir=tmp_path, context_slices=2)
+    assert len(train) == len(build_slice_dataset(items, "brats", spatial_size=(32, 32), split="train", cache_dir=tmp_path))
+    assert train[0]["image"].shape == (5, 32, 32)
+    with pytest.raises(ValueError, match="context_slices must be an int >= 0"):
+        build_slice_dataset(items, "brats", spatial_size=(32, 32), context_slices=-1)
+
+
 def test_slice_cache_avoids_rereading(brats_root, tmp_path):
     case_dir = tmp_path / "copy"
     shutil.copytree(brats_root, case_dir)

@@ -260,6 +260,27 @@ def test_inferers_of_the_second_stage():
     assert "segmenter" in METHODS and "volume_threshold" in METHODS
 
 
+def test_mirrored_test_time_augmentation_averages_the_flipped_copy_and_makes_the_map_mirror_symmetric():
+    torch.manual_seed(0)
+    net = perturb(UNet(2, 1, 2, channels=(4, 8), strides=(2,), num_res_units=1), scale=0.3)
+    x = torch.rand(3, 1, 16, 12) * 2 - 1
+    plain = SegmentationProbabilityInferer()
+    mirrored = SegmentationProbabilityInferer(flip_axes=(0,))
+    expected = (plain(x, net) + plain(x.flip(2), net).flip(2)) / 2
+    torch.testing.assert_close(mirrored(x, net), expected)
+    assert not torch.allclose(mirrored(x, net), plain(x, net))  # the network alone is not mirror-symmetric ...
+    torch.testing.assert_close(mirrored(x.flip(2), net), mirrored(x, net).flip(2))  # ... its averaged map is
+    both = SegmentationProbabilityInferer(flip_axes=(0, 1))(x, net)
+    torch.testing.assert_close(both, (2 * expected + plain(x.flip(3), net).flip(3)) / 3)
+    assert build_method_inferer("segmenter", network=net, flip_axes=[0]).flip_axes == (0,)
+    with pytest.raises(ValueError, match="flip_axes must be distinct"):
+        SegmentationProbabilityInferer(flip_axes=(0, 0))
+    with pytest.raises(ValueError, match="flip_axes must be distinct"):
+        SegmentationProbabilityInferer(flip_axes=(-1,))
+    with pytest.raises(ValueError, match=r"flip_axes \[2\] are beyond the 2 spatial axes"):
+        SegmentationProbabilityInferer(flip_axes=(2,))(x, net)
+
+
 # ---- bundle configs -----------------------------------------------------------------------------------------------
 TINY_SEGMENTER = {"network_def#channels": [4, 8, 16], "network_def#strides": [2, 2], "network_def#num_res_units": 1}
 
@@ -270,6 +291,7 @@ def test_segmentation_configs_match_between_training_and_inference(bundle):
     infer = ConfigParser(json.loads((BUNDLES[bundle] / "configs" / "inference.json").read_text()))
     assert infer.get("network_def") == train.get("network_def")  # the default network is the segmenter
     assert infer.get("roi_size") == train.get("segmenter_spatial_size")
+    assert infer.get("context_slices") == train.get("context_slices")  # 2.5D input: the same neighbours
     assert infer.get("task") == train.get("task")
     diffusion = ConfigParser(json.loads((BUNDLES[bundle] / "configs" / "train_diffusion.json").read_text()))
     assert train.get("source_network_def") == diffusion.get("network_def")
@@ -332,6 +354,40 @@ def test_train_segmentation_then_evaluate_with_gate_and_components(cases, tmp_pa
     assert settings[0]["pipeline"]["inferer"]["class"] == "SegmentationProbabilityInferer"
     round2_masks = sorted((round2 / "outputs" / "pseudo_masks").rglob("*_pseudo.nii.gz"))
     assert len(round2_masks) == len(pseudo) and (round2 / "models" / "model.pt").exists()
+
+
+def test_a_2_5d_segmenter_trains_and_segments_with_its_neighbouring_slices_as_channels(cases, tmp_path):
+    """``--context_slices 1`` in train.json and inference.json: a 3-channel segmenter, trained on stacks of
+    neighbouring slices and run on the same stacks; the other methods refuse the option."""
+    from monai_wsss.bundle import parse_context_slices
+
+    dataset = str(Path(cases[0]["image"]).parents[1])
+    run(config_file=str(BUNDLES["brats"] / "configs" / "train.json"), bundle_root=str(tmp_path), dataset_dir=dataset,
+        max_epochs=1, epoch_length=2, batch_size=4, val_batch_size=16, progress_bar=False, context_slices=1,
+        segmenter_spatial_size=[SIZE, SIZE], spatial_size=[SIZE, SIZE], val_fraction=0.2, test_fraction=0.2,
+        **TINY_SEGMENTER)
+    state = torch.load(tmp_path / "models" / "model.pt", map_location="cpu", weights_only=True)
+    first_conv = next(v for k, v in state.items() if k.endswith("weight") and v.ndim == 4)
+    assert first_conv.shape[1] == 3
+    gen = torch.Generator().manual_seed(0)
+    torch.save({k: v + 0.05 * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v
+                for k, v in state.items()}, tmp_path / "models" / "model.pt")
+    workflow = ConfigWorkflow(
+        config_file=str(BUNDLES["brats"] / "configs" / "inference.json"), logging_file=False, workflow_type="infer",
+        dataset_dir=dataset, output_dir=str(tmp_path / "eval"), model_path=str(tmp_path / "models" / "model.pt"),
+        roi_size=[SIZE, SIZE], context_slices=1, progress=False, **TINY_SEGMENTER,
+    )
+    workflow.initialize()
+    workflow.run()
+    assert workflow.parser.get_parsed_content("inferer").context_slices == 1
+    workflow.finalize()
+    masks = sorted((tmp_path / "eval").glob("*_mask.nii.gz"))
+    assert len(masks) == len(cases) and nib.load(str(masks[0])).shape == SHAPE
+    assert parse_context_slices(0, "cdm") == 0 and parse_context_slices("2", "segmenter") == 2
+    with pytest.raises(ValueError, match="--context_slices 1: method 'cdm' segments single slices"):
+        parse_context_slices(1, "cdm")
+    with pytest.raises(ValueError, match="context_slices"):
+        parse_context_slices(-1, "segmenter")
 
 
 def test_the_fully_supervised_ceiling_trains_on_the_target_masks_beside_the_weak_model(cases, tmp_path):

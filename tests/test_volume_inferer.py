@@ -177,3 +177,46 @@ def test_whole_volume_writes_map_and_mask_in_input_space(tmp_path):
     assert set(np.unique(mask)) <= {0, 1} and not mask[~brain].any()
     assert (mask[lesion]).mean() > 0.9  # the bright lesion comes out in place (no axis flip or shift)
     assert np.asarray(written_map.dataobj).max() == pytest.approx(1.0)
+
+
+class _Channel(torch.nn.Module):
+    """A "network" returning one input channel: which neighbour reached which channel."""
+
+    def __init__(self, channel: int) -> None:
+        super().__init__()
+        self.channel = channel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, self.channel : self.channel + 1]
+
+
+def test_context_slices_pass_each_slices_neighbours_as_channels():
+    from monai_wsss.transforms import stack_neighbour_slices
+
+    assert stack_neighbour_slices(torch.arange(3.0).reshape(3, 1, 1, 1), 1).flatten(1).tolist() == [
+        [0.0, 0.0, 1.0], [0.0, 1.0, 2.0], [1.0, 2.0, 2.0]
+    ]
+    two = torch.arange(4.0).reshape(2, 2, 1, 1)  # 2 slices of 2 channels: neighbour-major, channels kept together
+    assert stack_neighbour_slices(two, 1)[0].flatten().tolist() == [0.0, 1.0, 0.0, 1.0, 2.0, 3.0]
+    assert stack_neighbour_slices(two, 0) is two
+    with pytest.raises(ValueError, match="context_slices must be >= 0"):
+        stack_neighbour_slices(two, -1)
+
+    vol = _volumes(batch=2)  # (2, 1, 40, 48, 7); volume 0 has no body on slices 0 and 6, volume 1 on slice 3
+    seen = RecordingInferer()
+    below = VolumeInferer(seen, roi_size=(40, 48), slice_axis=-1, sw_batch_size=4, context_slices=1)(vol, _Channel(0))
+    above = VolumeInferer(None, roi_size=(40, 48), slice_axis=-1, sw_batch_size=4, context_slices=1)(vol, _Channel(2))
+    centre = VolumeInferer(None, roi_size=(40, 48), slice_axis=-1, sw_batch_size=4)(vol, _Channel(0))
+    assert {x.shape[1] for x in seen.inputs} == {3}
+    n = vol.shape[-1]
+    for b in range(2):
+        for j in range(n):
+            if not vol[b, ..., j].any():  # no body: skipped, judged on the centre slice alone
+                assert not below[b, ..., j].any() and not above[b, ..., j].any()
+                continue
+            model_space = 2 * vol[b, ..., [max(j - 1, 0), min(j + 1, n - 1)]] - 1  # [0, 1] -> [-1, 1]
+            torch.testing.assert_close(below[b, ..., j], model_space[..., 0], atol=1e-5, rtol=0)
+            torch.testing.assert_close(above[b, ..., j], model_space[..., 1], atol=1e-5, rtol=0)
+            torch.testing.assert_close(centre[b, ..., j], 2 * vol[b, ..., j] - 1, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="context_slices"):
+        VolumeInferer(None, roi_size=(40, 48), context_slices=-1)

@@ -4,7 +4,7 @@ post-processing per task is read from the task registry (:py:mod:`monai_wsss.dat
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -201,6 +201,7 @@ def build_method_inferer(
     target_class: int = 1,
     reference_class: int = 0,
     threshold_percentile: float | None = 99.0,
+    flip_axes: Sequence[int] = (),
     verbose: bool = False,
 ) -> Callable[..., torch.Tensor]:
     """
@@ -240,6 +241,7 @@ def build_method_inferer(
         target_class: class of the target (1).
         reference_class: healthy class (0).
         threshold_percentile: percentile of the threshold baseline (``None``: raw intensity).
+        flip_axes: ``"segmenter"``: spatial axes of its mirrored test-time augmentation (empty: none).
         verbose: progress bars over the diffusion steps.
 
     Returns:
@@ -267,7 +269,7 @@ def build_method_inferer(
             raise ValueError(
                 "method 'segmenter' needs the segmentation network (model_path, trained with train.json)."
             )
-        return SegmentationProbabilityInferer(activation="softmax", target_channel=1)
+        return SegmentationProbabilityInferer(activation="softmax", target_channel=1, flip_axes=flip_axes)
     if scheduler is None:
         raise ValueError(f"method {method!r} needs the diffusion scheduler the network was trained with.")
     if network is None:

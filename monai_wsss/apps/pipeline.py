@@ -75,6 +75,8 @@ class VolumeSegmentationPipeline:
         device: device of the inference (default: the network's, else CPU).
         seed: seed of the diffusion noise, re-seeded for each volume (results do not depend on the order).
         progress: show progress bars over slice batches.
+        context_slices: 2.5D input of the network: each slice with this many neighbours on either side as extra
+            channels (:py:class:`~monai_wsss.inferers.VolumeInferer`); 0 for the slice alone.
 
     Raises:
         ValueError: unknown task, ``map_mode``, ``normalize_per`` or ``threshold``; a non-callable inferer;
@@ -107,6 +109,7 @@ class VolumeSegmentationPipeline:
         slice_gate: float | None = None,
         gate_classifier: Callable[..., torch.Tensor] | None = None,
         min_component_size: int = 0,
+        context_slices: int = 0,
     ) -> None:
         if not callable(inferer):
             raise ValueError(f"`inferer` must be callable as inferer(x, network, ...), got {type(inferer).__name__}.")
@@ -155,6 +158,7 @@ class VolumeSegmentationPipeline:
             skip_empty=True,
             sw_device=self.device,
             progress=progress,
+            context_slices=context_slices,
         )
         # kept as an attribute so that a run's manifest records its weights (run_settings)
         self.gate_classifier = gate_classifier if self.slice_gate is not None else None

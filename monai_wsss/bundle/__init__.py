@@ -3,7 +3,14 @@
 
 from monai_wsss.bundle.configs import DEFAULT_METHOD, bundle_methods, method_config_files, parse_bundle_config
 from monai_wsss.bundle.handlers import ExponentialMovingAverage, SeededEvaluation, ema_copy
-from monai_wsss.bundle.options import OPTION_KINDS, RUN_ARGUMENTS, check_command_line, parse_option, parse_write_map
+from monai_wsss.bundle.options import (
+    OPTION_KINDS,
+    RUN_ARGUMENTS,
+    check_command_line,
+    parse_context_slices,
+    parse_option,
+    parse_write_map,
+)
 from monai_wsss.bundle.checkpoints import latest_checkpoint, verify_bundle_networks
 from monai_wsss.bundle.distributed import distributed_rank, init_distributed, release_distributed
 from monai_wsss.bundle.splits import load_slice_labels, prepare_splits, select_slices
@@ -18,6 +25,7 @@ __all__ = [
     "check_command_line",
     "parse_option",
     "parse_write_map",
+    "parse_context_slices",
     "ExponentialMovingAverage",
     "SeededEvaluation",
     "distributed_rank",

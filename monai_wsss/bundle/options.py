@@ -203,6 +203,37 @@ def parse_write_map(value: Any, method: str, needs_maps: bool = False) -> bool:
     return writing
 
 
+def parse_context_slices(value: Any, method: str) -> int:
+    """
+    The bundles' ``context_slices`` option: the neighbours on either side of each slice that the segmenter takes as
+    extra channels (2.5D input; its weights must have been trained with the same value). The other methods take
+    single slices, so they refuse a non-zero value instead of ignoring it.
+
+    Args:
+        value: the option's value.
+        method: the method.
+
+    Returns:
+        the number of neighbours on either side (0 for the methods other than the segmenter).
+
+    Raises:
+        ValueError: not an int >= 0, or non-zero for a method other than the segmenter.
+
+    Example::
+
+        "network_context_slices": "$monai_wsss.bundle.parse_context_slices(@context_slices, @method)"
+    """
+    from monai_wsss.apps.methods import SEGMENTER_METHODS
+
+    context = parse_option("context_slices", value, "int", low=0)
+    if context and method not in SEGMENTER_METHODS:
+        raise ValueError(
+            f"--context_slices {context}: method {method!r} segments single slices; neighbouring slices as channels "
+            f"are an input of the segmenter ({', '.join(SEGMENTER_METHODS)}) trained with the same --context_slices."
+        )
+    return context
+
+
 def check_command_line(
     argv: Sequence[str] | None = None, known: Iterable[str] | None = None, extra: Iterable[str] = ()
 ) -> list[str]:

@@ -19,7 +19,7 @@ from monai_wsss.data.tasks import TaskPreset, get_task
 from monai_wsss.transforms.intensity import ScaleIntensityNonzeroPercentilesd
 from monai_wsss.transforms.io import LoadVolumed
 from monai_wsss.transforms.model_space import model_space_transform
-from monai_wsss.transforms.slicing import SliceVolumed
+from monai_wsss.transforms.slicing import SliceVolumed, stack_neighbour_slices
 from monai_wsss.transforms.validation import ValidateVolumed
 from monai_wsss.transforms.weak_label import MapTargetLabelsd, WeakSliceLabeld
 from monai_wsss.utils.errors import root_error
@@ -255,15 +255,17 @@ class _CaseToPackedSlices(Transform):
         return packed
 
 
-def _unpack(packed: Mapping) -> list[dict]:
+def _unpack(packed: Mapping, context_slices: int = 0) -> list[dict]:
     arrays = packed.get("_arrays", ["image", "seg"])
     others = {k: v for k, v in packed.items() if k not in _SCALAR_KEYS and k not in arrays and k != "_arrays"}
     values = {key: packed[key].tolist() for key in _SCALAR_KEYS}
+    # every slice of the case is packed in slice order, so its neighbours are the adjacent rows
+    stacked = {**packed, "image": stack_neighbour_slices(packed["image"], context_slices)}
     out = []
     for i in range(packed["image"].shape[0]):
         item = dict(others)
         for key in arrays:
-            item[key] = packed[key][i]
+            item[key] = stacked[key][i]
         for key in _SCALAR_KEYS:
             item[key] = values[key][i]
         out.append(item)
@@ -308,6 +310,7 @@ def build_slice_dataset(
     num_workers: int = 0,
     extra_mask_keys: Sequence[str] = (),
     labels: SliceLabels | None = None,
+    context_slices: int = 0,
 ) -> Dataset:
     """
     Build the weakly labelled 2D slice dataset of a list of cases.
@@ -338,9 +341,13 @@ def build_slice_dataset(
             name are dropped from ``"train"`` and ``"eval"`` (``"all"`` keeps them with ``label = -1``). Without
             them the labels come from each item's ``seg`` by the task's rule (0.2 % of the slice: 1, none: 0, in
             between: ambiguous, dropped from training).
+        context_slices: 2.5D input: ``image`` holds the slice with its ``k`` neighbours on either side of the same
+            scan as ``2k + 1`` channels (slices ``j - k ... j + k``, the first and last slice repeated beyond the
+            ends), as :py:class:`~monai_wsss.inferers.VolumeInferer` passes them with the same ``context_slices``;
+            masks and labels stay those of the centre slice. The cache is the same for every ``k``.
 
     Returns:
-        a MONAI ``Dataset`` of slice dicts: ``image`` (1, h, w) float32 in [-1, 1], ``seg`` (1, h, w) float32
+        a MONAI ``Dataset`` of slice dicts: ``image`` (1, h, w) (``(2k + 1, h, w)`` with ``context_slices``) float32 in [-1, 1], ``seg`` (1, h, w) float32
         0/1, ``label`` 0/1 (int), ``slice_index`` (int), ``case`` (str), plus ``ambiguous`` (bool),
         ``body_fraction`` and ``target_fraction`` (float, of the source slice) and any other item key. Images are
         plain tensors (fast to collate); to invert model-space outputs per slice, use :py:func:`volume_to_slices`
@@ -371,6 +378,8 @@ def build_slice_dataset(
     for i, item in enumerate(items):
         if not isinstance(item, Mapping) or "case" not in item:
             raise ValueError(f"item {i} must be a dict with a 'case' key, got {item!r}.")
+    if not isinstance(context_slices, int) or context_slices < 0:
+        raise ValueError(f"context_slices must be an int >= 0, got {context_slices!r}.")
     require_slice_labels(items, labels)
     extra = tuple(str(k) for k in extra_mask_keys)
     per_case = Compose([_CaseToPackedSlices(preset, size, extra)])
@@ -392,7 +401,7 @@ def build_slice_dataset(
     else:
         case_iter = (case_ds[i] for i in range(len(case_ds)))
     for packed in case_iter:
-        case_slices = _unpack(packed)
+        case_slices = _unpack(packed, context_slices)
         if labels is not None:
             _apply_labels(case_slices, labels, str(packed["case"]))
         slices.extend(s for s in case_slices if _keep(s, preset, split))

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from monai.inferers import Inferer
@@ -24,18 +24,25 @@ class SegmentationProbabilityInferer(Inferer):
     It has the interface of the diffusion inferers, ``inferer(x, network) -> map``, so
     :py:class:`~monai_wsss.inferers.VolumeInferer` and the bundles' pipeline run it like any other method.
 
+    With ``flip_axes``, test-time augmentation by mirroring: each slice is also segmented flipped along each
+    listed spatial axis, and the map is the mean of the probabilities of the slice and of every flipped copy
+    (flipped back). One more forward pass per axis; use axes the network was trained to be mirrored along
+    (the bundles' ``train.json`` flips spatial axis 0, left-right after their orientation).
+
     Args:
         activation: ``"softmax"`` or ``"sigmoid"``.
         target_channel: output channel of the target class (1 for a two-channel softmax network, 0 for a
             one-channel sigmoid network).
+        flip_axes: spatial axes (0 = the first axis after the channel) to average mirrored copies over;
+            empty: one forward pass.
 
     Returns (``__call__``):
         the probability map ``(B, 1, H, W)`` in ``[0, 1]``, the input's dtype and device.
 
     Raises:
-        ValueError: unknown activation or negative channel; at call time an input that is not a finite float
-            ``(B, C, H, W)`` / ``(B, C, H, W, D)`` tensor with at least one item, or a network output with
-            too few channels.
+        ValueError: unknown activation, negative channel, a negative or repeated flip axis; at call time an input
+            that is not a finite float ``(B, C, H, W)`` / ``(B, C, H, W, D)`` tensor with at least one item, a
+            flip axis beyond its spatial dimensions, or a network output with too few channels.
 
     Example::
 
@@ -44,16 +51,22 @@ class SegmentationProbabilityInferer(Inferer):
         >>> net = UNet(2, 1, 2, channels=(8, 16), strides=(2,))
         >>> SegmentationProbabilityInferer()(torch.zeros(3, 1, 32, 32), net).shape
         torch.Size([3, 1, 32, 32])
+        >>> SegmentationProbabilityInferer(flip_axes=(0,))(torch.zeros(3, 1, 32, 32), net).shape  # left-right TTA
+        torch.Size([3, 1, 32, 32])
     """
 
-    def __init__(self, activation: str = "softmax", target_channel: int = 1) -> None:
+    def __init__(self, activation: str = "softmax", target_channel: int = 1, flip_axes: Sequence[int] = ()) -> None:
         super().__init__()
         if activation not in ("softmax", "sigmoid"):
             raise ValueError(f"activation must be 'softmax' or 'sigmoid', got {activation!r}.")
         if int(target_channel) < 0:
             raise ValueError(f"target_channel must be >= 0, got {target_channel}.")
+        axes = tuple(int(a) for a in (flip_axes or ()))
+        if any(a < 0 for a in axes) or len(set(axes)) != len(axes):
+            raise ValueError(f"flip_axes must be distinct spatial axes >= 0, got {list(flip_axes)}.")
         self.activation = activation
         self.target_channel = int(target_channel)
+        self.flip_axes = axes
 
     def __call__(  # type: ignore[override]
         self, inputs: torch.Tensor, network: Callable[[torch.Tensor], torch.Tensor], *args, **kwargs
@@ -69,14 +82,23 @@ class SegmentationProbabilityInferer(Inferer):
             raise ValueError("SegmentationProbabilityInferer needs the segmentation network (model_path, trained with train.json).")
         DiffusionMapInferer.check_inputs(inputs, None)  # type: ignore[arg-type]
         x = convert_to_tensor(inputs, track_meta=False)
+        beyond = [a for a in self.flip_axes if a >= x.ndim - 2]
+        if beyond:
+            raise ValueError(f"flip_axes {beyond} are beyond the {x.ndim - 2} spatial axes of the input {tuple(x.shape)}.")
         with torch.inference_mode():
-            logits = network(x)
+            prob = self._probability(network(x))
+            for axis in self.flip_axes:
+                prob += self._probability(network(torch.flip(x, (axis + 2,)))).flip(axis + 2)
+        return (prob / (1 + len(self.flip_axes))).to(inputs.dtype)
+
+    def _probability(self, logits: torch.Tensor) -> torch.Tensor:
+        """The float32 target probability ``(B, 1, ...)`` of a network output."""
         if logits.shape[1] <= self.target_channel:
             raise ValueError(
                 f"the segmentation network returned {logits.shape[1]} channel(s); target_channel is {self.target_channel}."
             )
         prob = torch.softmax(logits.float(), 1) if self.activation == "softmax" else torch.sigmoid(logits.float())
-        return prob[:, self.target_channel : self.target_channel + 1].to(inputs.dtype).clone()
+        return prob[:, self.target_channel : self.target_channel + 1].clone()
 
 
 class SliceProbabilityInferer(Inferer):

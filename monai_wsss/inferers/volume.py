@@ -14,10 +14,12 @@ from monai.inferers import Inferer
 from monai.utils import convert_to_dst_type, convert_to_tensor, optional_import
 
 from monai_wsss.transforms.model_space import IMAGE_INTERPOLATION, resize_slices, slices_to_model_space
+from monai_wsss.transforms.slicing import stack_neighbour_slices
 
 tqdm, has_tqdm = optional_import("tqdm", name="tqdm")
 
 __all__ = ["VolumeInferer"]
+
 
 class VolumeInferer(Inferer):
     """
@@ -31,6 +33,11 @@ class VolumeInferer(Inferer):
     would). Slices without body (all zero, e.g. above the head) are skipped when ``skip_empty`` and their
     map is 0; the remaining slices of all volumes in the batch are packed into full batches of
     ``sw_batch_size``, so a diffusion inferer runs on as few, as full, batches as possible.
+
+    With ``context_slices = k`` (2.5D input) each slice goes in with its ``k`` neighbours on either side as
+    further channels, ordered along ``slice_axis`` (slices ``j - k ... j + k``; the volume's first and last slice
+    repeat beyond its ends), so a network trained on such stacks (``build_slice_dataset(context_slices=k)``; both stack with :py:func:`~monai_wsss.transforms.stack_neighbour_slices`) sees
+    the context across slices; its output is still the map of the centre slice.
 
     Why not MONAI's ``SliceInferer``: it is a ``SlidingWindowInferer`` on native-size windows, so the
     model-space resize would have to live in a network wrapper anyway, its batches are formed before
@@ -53,6 +60,7 @@ class VolumeInferer(Inferer):
         anti_aliasing: Gaussian anti-aliasing of ``Resize`` when shrinking (both directions, as ``Invertd``).
         sw_device: device for the inner calls (default: the input's device); maps come back to the input's.
         progress: show a tqdm progress bar over the batches of slices.
+        context_slices: neighbours on either side of each slice passed as extra channels (0: the slice alone).
 
     On a CPU, an application running many batches should call :py:func:`monai_wsss.utils.reuse_freed_memory`
     once first (process-wide, so the inferer leaves that choice to its caller): batches of slices then stop
@@ -85,6 +93,7 @@ class VolumeInferer(Inferer):
         anti_aliasing: bool = IMAGE_INTERPOLATION["anti_aliasing"],
         sw_device: torch.device | str | None = None,
         progress: bool = False,
+        context_slices: int = 0,
     ) -> None:
         super().__init__()
         if inferer is not None and not callable(inferer):
@@ -96,7 +105,10 @@ class VolumeInferer(Inferer):
             raise ValueError(f"`slice_axis` must be a spatial axis in [-3, 2], got {slice_axis!r}.")
         if not isinstance(sw_batch_size, (int, np.integer)) or sw_batch_size < 1:
             raise ValueError(f"`sw_batch_size` must be a positive int, got {sw_batch_size!r}.")
+        if not isinstance(context_slices, (int, np.integer)) or context_slices < 0:
+            raise ValueError(f"`context_slices` must be an int >= 0, got {context_slices!r}.")
         self.inferer = inferer
+        self.context_slices = int(context_slices)
         self.roi_size = tuple(int(r) for r in roi)
         self.slice_axis = int(slice_axis) % 3
         self.sw_batch_size = int(sw_batch_size)
@@ -149,13 +161,15 @@ class VolumeInferer(Inferer):
         if torch.isnan(x).any():
             raise ValueError("`inputs` contains NaN values.")
         batch, axis = x.shape[0], self.slice_axis
-        slices = x.movedim(axis + 2, 1)  # (B, n, C, a, b)
-        n_slices, slice_size = slices.shape[1], tuple(slices.shape[3:])
-        slices = slices.reshape(batch * n_slices, *slices.shape[2:])
-        if self.skip_empty:
+        volume_slices = x.movedim(axis + 2, 1)  # (B, n, C, a, b)
+        n_slices, slice_size = volume_slices.shape[1], tuple(volume_slices.shape[3:])
+        slices = volume_slices.reshape(batch * n_slices, *volume_slices.shape[2:])
+        if self.skip_empty:  # judged on the centre slice alone
             todo = torch.nonzero(slices.flatten(1).ne(0).any(1)).flatten()
         else:
             todo = torch.arange(slices.shape[0], device=slices.device)
+        if self.context_slices:
+            slices = stack_neighbour_slices(volume_slices, self.context_slices).flatten(0, 1)
 
         out: torch.Tensor | None = None
         starts = range(0, int(todo.numel()), self.sw_batch_size)
@@ -172,6 +186,6 @@ class VolumeInferer(Inferer):
                 out = torch.zeros((slices.shape[0], pred.shape[1], *slice_size), dtype=x.dtype, device=x.device)
             out[chunk.to(out.device)] = pred.to(device=out.device, dtype=out.dtype)
         if out is None:  # no slice with body anywhere: the map is all zero
-            out = torch.zeros_like(slices)
+            out = torch.zeros((slices.shape[0], x.shape[1], *slice_size), dtype=x.dtype, device=x.device)
         out = out.reshape(batch, n_slices, out.shape[1], *slice_size).movedim(1, axis + 2)
         return convert_to_dst_type(out, inputs, dtype=x.dtype)[0]  # type: ignore[return-value]

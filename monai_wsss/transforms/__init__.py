@@ -14,7 +14,7 @@ from monai_wsss.transforms.model_space import (
     resize_slices,
     slices_to_model_space,
 )
-from monai_wsss.transforms.slicing import SliceVolumed, slice_foreground_fraction
+from monai_wsss.transforms.slicing import SliceVolumed, slice_foreground_fraction, stack_neighbour_slices
 from monai_wsss.transforms.validation import CheckIntensityProfile, CheckIntensityProfiled, ValidateVolumed
 from monai_wsss.transforms.weak_label import MapTargetLabels, MapTargetLabelsd, WeakSliceLabel, WeakSliceLabeld
 
@@ -48,6 +48,7 @@ __all__ = [
     "ScaleIntensityNonzeroPercentiles",
     "ScaleIntensityNonzeroPercentilesd",
     "SliceVolumed",
+    "stack_neighbour_slices",
     "CheckIntensityProfile",
     "CheckIntensityProfiled",
     "ValidateVolumed",

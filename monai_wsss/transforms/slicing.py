@@ -13,7 +13,7 @@ from monai.transforms import MapTransform, SplitDim
 from monai.transforms.traits import MultiSampleTrait
 from monai.utils import TransformBackends, convert_to_tensor
 
-__all__ = ["SliceVolumed", "slice_foreground_fraction"]
+__all__ = ["SliceVolumed", "slice_foreground_fraction", "stack_neighbour_slices"]
 
 
 def slice_foreground_fraction(img: NdarrayOrTensor, slice_axis: int = 2) -> torch.Tensor:
@@ -41,6 +41,42 @@ def slice_foreground_fraction(img: NdarrayOrTensor, slice_axis: int = 2) -> torc
     for a in other:
         plane *= nonzero.shape[a]
     return nonzero.sum(dim=other).to(torch.float32) / float(plane)
+
+
+def stack_neighbour_slices(slices: torch.Tensor, context_slices: int) -> torch.Tensor:
+    """
+    The 2.5D input of every slice of a stack: slices ``(..., n, C, a, b)`` (``n`` along the slice axis) to
+    ``(..., n, (2k + 1) C, a, b)`` holding, for slice ``j``, slices ``j - k ... j + k`` one after the other, the first
+    and last slice repeated beyond the ends (``k = context_slices``). ``k = 0`` returns the input.
+
+    Args:
+        slices: a stack of slices, the slice axis third from last but one (``(n, C, a, b)`` or ``(B, n, C, a, b)``).
+        context_slices: neighbours ``k`` on either side.
+
+    Returns:
+        the stacked neighbours, the input's dtype and device.
+
+    Raises:
+        ValueError: a negative ``context_slices`` or fewer than 4 dimensions.
+
+    Example::
+
+        >>> import torch
+        >>> stack_neighbour_slices(torch.arange(3.0).reshape(3, 1, 1, 1), 1).flatten(1).tolist()
+        [[0.0, 0.0, 1.0], [0.0, 1.0, 2.0], [1.0, 2.0, 2.0]]
+    """
+    if int(context_slices) < 0:
+        raise ValueError(f"context_slices must be >= 0, got {context_slices}.")
+    if slices.ndim < 4:
+        raise ValueError(f"slices must be (..., n, C, a, b), got shape {tuple(slices.shape)}.")
+    k = int(context_slices)
+    if k == 0:
+        return slices
+    n = slices.shape[-4]
+    offsets = torch.arange(-k, k + 1, device=slices.device)
+    index = (torch.arange(n, device=slices.device)[:, None] + offsets[None]).clamp(0, n - 1)  # (n, 2k + 1)
+    stacked = slices.index_select(-4, index.flatten())  # (..., n (2k + 1), C, a, b)
+    return stacked.reshape(*slices.shape[:-4], n, (2 * k + 1) * slices.shape[-3], *slices.shape[-2:])
 
 
 class SliceVolumed(MapTransform, MultiSampleTrait):
