@@ -62,6 +62,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.3, 0.4, 0.5, 0.6, 0.7])
     p.add_argument("--gates", type=float, nargs="+", default=[0.3, 0.5, 0.7], help="slice gates (plus no gate)")
     p.add_argument("--components", type=int, nargs="+", default=[0, 100, 1000])
+    p.add_argument("--roi_size", type=int, nargs=2, default=None,
+                   help="segmenter: the slice size its weights were trained at (default: the bundle's roi_size)")
+    p.add_argument("--context_slices", type=int, default=0,
+                   help="segmenter: neighbouring slices on either side it was trained with (train.json --context_slices)")
     p.add_argument("--flip_axes", type=int, nargs="*", default=[],
                    help="segmenter: mirrored test-time augmentation along these slice axes (0: left-right)")
     p.add_argument("--criterion", choices=("labels", "pixel_masks"), default="labels")
@@ -82,15 +86,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     clf = load_weights(cfg.get_parsed_content("classifier_def"), f"{args.bundle_root}/models/classifier.pt", "cpu",
                        name="noisy classifier")
     if args.method == "segmenter":
+        cfg["network_def"]["in_channels"] = 2 * args.context_slices + 1
         net = load_weights(cfg.get_parsed_content("network_def"),
                            args.model_path or f"{args.bundle_root}/models/model.pt", "cpu", name="segmenter")
-        inferer, roi = build_method_inferer("segmenter", network=net, flip_axes=args.flip_axes), tuple(cfg.get("roi_size"))
+        inferer, roi = build_method_inferer("segmenter", network=net, flip_axes=args.flip_axes), tuple(args.roi_size or cfg.get("roi_size"))
         thresholds = args.thresholds
     else:
         net, inferer, roi = None, build_method_inferer("volume_threshold"), tuple(cfg.get("spatial_size"))
         thresholds = [0.7]  # the baseline's definition
     pipe = VolumeSegmentationPipeline(net, inferer, task=args.task, roi_size=roi, map_mode=None, threshold=0.5,
-                                      slice_gate=0.5, gate_classifier=clf, sw_batch_size=32)
+                                      slice_gate=0.5, gate_classifier=clf, sw_batch_size=32,
+                                      context_slices=args.context_slices if args.method == "segmenter" else 0)
     axis = pipe.slice_axis
     volumes = []
     for item in items:

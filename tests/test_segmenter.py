@@ -337,7 +337,7 @@ def test_train_segmentation_then_evaluate_with_gate_and_components(cases, tmp_pa
     workflow.initialize()
     workflow.run()
     state = workflow.evaluator.state
-    assert workflow.parser.get_parsed_content("mask_threshold") == default_threshold("segmenter", "brats") == 0.5
+    assert workflow.parser.get_parsed_content("mask_threshold") == default_threshold("segmenter", "brats") == 0.7
     assert workflow.parser.get_parsed_content("volume_aware").transforms[0].threshold == 0.5  # the gate is on
     workflow.finalize()
     assert state.summary["num_positive_volumes"] >= 1

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import re
+
 from pathlib import Path
 
 import pytest
@@ -45,10 +47,14 @@ def test_every_method_has_defaults_on_every_task_and_says_where_they_were_chosen
         assert method in METHODS, f"{task} has defaults for an unknown method {method!r}"
         doc = defaults.chosen_on.split(",")[0]
         assert (REPO / doc).is_file(), f"{task}/{method}: chosen_on names a missing doc {doc}"
+        section = re.search(r"'([^']+)'", defaults.chosen_on)
+        if section:  # a named section must be a heading of that doc (a renamed section breaks the reference)
+            headings = re.findall(r"^#+ (.+)$", (REPO / doc).read_text(), re.M)
+            assert any(h.startswith(section.group(1)) for h in headings), f"{task}/{method}: no section {section.group(1)!r} in {doc}"
 
 
 def test_tuned_defaults_are_the_documented_ones():
-    assert [default_threshold("segmenter", t) for t in ("brats", "chaos")] == [0.5, 0.3]
+    assert [default_threshold("segmenter", t) for t in ("brats", "chaos")] == [0.7, 0.3]
     assert [default_min_component_size("segmenter", t) for t in ("brats", "chaos")] == [1000, 0]
     assert [default_threshold("cg_cdm", t) for t in ("brats", "chaos")] == ["average_otsu", "otsu"]
     assert [default_normalize_per("cdm", t) for t in ("brats", "chaos")] == ["volume", "slice"]
