@@ -28,9 +28,10 @@ _PROBE = "KERNEL_PYTHON="
 #: diffusion epochs of notebooks 01 and 02 in the tests, through their documented parameter
 #: ``MONAI_WSSS_TUTORIAL_EPOCHS`` (unset, they train the demo's 10 and 30 epochs): the first notebook's training is
 #: the suite's floor. Each is the fewest measured to keep its trained maps above the chance level, which both tests
-#: require: notebook 01's CDM scored slice Dice 0.011 after 4 epochs (chance 0.119), so it keeps 8; notebook 02's
-#: four diffusion methods averaged 0.153 after 4 epochs (whole brain 0.058).
-TUTORIAL_EPOCHS = {"01_cdm_end_to_end.ipynb": 8, "02_three_inferers.ipynb": 4}
+#: require: notebook 01's CDM scored slice Dice 0.011 after 4 epochs (chance 0.119; its pixel AUROC 0.071, the map
+#: still inverted), so it keeps 8; notebook 02's four diffusion methods averaged 0.153 after 4 epochs and 0.133
+#: after 2 (whole brain 0.058), so it runs 2.
+TUTORIAL_EPOCHS = {"01_cdm_end_to_end.ipynb": 8, "02_three_inferers.ipynb": 2}
 _NUMBER = r"(-?\d+\.\d+|nan)"
 
 
