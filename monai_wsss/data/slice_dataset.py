@@ -347,9 +347,10 @@ def build_slice_dataset(
             masks and labels stay those of the centre slice. The cache is the same for every ``k``.
 
     Returns:
-        a MONAI ``Dataset`` of slice dicts: ``image`` (1, h, w) (``(2k + 1, h, w)`` with ``context_slices``) float32 in [-1, 1], ``seg`` (1, h, w) float32
-        0/1, ``label`` 0/1 (int), ``slice_index`` (int), ``case`` (str), plus ``ambiguous`` (bool),
-        ``body_fraction`` and ``target_fraction`` (float, of the source slice) and any other item key. Images are
+        a MONAI ``Dataset`` of slice dicts: ``image`` (1, h, w) (``(2k + 1, h, w)`` with ``context_slices``) float32
+        in [-1, 1], ``seg`` (1, h, w) float32 0/1, ``label`` 0/1 (int), ``slice_index`` (int), ``case`` (str), plus
+        ``ambiguous`` (bool), ``body_fraction`` and ``target_fraction`` (float, of the source slice) and any other
+        item key. Images are
         plain tensors (fast to collate); to invert model-space outputs per slice, use :py:func:`volume_to_slices`
         (MetaTensors) or work on volumes with ``VolumeInferer``.
 

@@ -36,8 +36,9 @@ class VolumeInferer(Inferer):
 
     With ``context_slices = k`` (2.5D input) each slice goes in with its ``k`` neighbours on either side as
     further channels, ordered along ``slice_axis`` (slices ``j - k ... j + k``; the volume's first and last slice
-    repeat beyond its ends), so a network trained on such stacks (``build_slice_dataset(context_slices=k)``; both stack with :py:func:`~monai_wsss.transforms.stack_neighbour_slices`) sees
-    the context across slices; its output is still the map of the centre slice.
+    repeat beyond its ends), so a network trained on such stacks (``build_slice_dataset(context_slices=k)``; both
+    stack with :py:func:`~monai_wsss.transforms.stack_neighbour_slices`) sees the context across slices; its output
+    is still the map of the centre slice.
 
     Why not MONAI's ``SliceInferer``: it is a ``SlidingWindowInferer`` on native-size windows, so the
     model-space resize would have to live in a network wrapper anyway, its batches are formed before
