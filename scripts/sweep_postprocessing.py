@@ -33,6 +33,7 @@ from monai.metrics import compute_confusion_matrix_metric, get_confusion_matrix
 from monai.transforms import RemoveSmallObjects
 
 from monai_wsss.apps import VolumeSegmentationPipeline, build_method_inferer, list_volumes, load_weights
+from monai_wsss.bundle import parse_context_slices
 from monai_wsss.data import TASKS, SliceLabels
 from monai_wsss.metrics import binary_dice
 
@@ -79,6 +80,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     cfg = ConfigParser()
     cfg.read_config([f"{args.bundle_root}/configs/{name}" for name in ("inference.json", "slice_gate.json")])
+    # the bundle's own option: in_channels follow from it, and a method other than the segmenter refuses it
+    cfg["context_slices"] = args.context_slices
+    context = parse_context_slices(args.context_slices, args.method)
     items = list_volumes(args.datalist, task=args.task, split=args.split, require_seg=not weak)
     if weak:
         labels = SliceLabels.from_csv(args.labels)
@@ -86,7 +90,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     clf = load_weights(cfg.get_parsed_content("classifier_def"), f"{args.bundle_root}/models/classifier.pt", "cpu",
                        name="noisy classifier")
     if args.method == "segmenter":
-        cfg["network_def"]["in_channels"] = 2 * args.context_slices + 1
         net = load_weights(cfg.get_parsed_content("network_def"),
                            args.model_path or f"{args.bundle_root}/models/model.pt", "cpu", name="segmenter")
         inferer, roi = build_method_inferer("segmenter", network=net, flip_axes=args.flip_axes), tuple(args.roi_size or cfg.get("roi_size"))
@@ -96,7 +99,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         thresholds = [0.7]  # the baseline's definition
     pipe = VolumeSegmentationPipeline(net, inferer, task=args.task, roi_size=roi, map_mode=None, threshold=0.5,
                                       slice_gate=0.5, gate_classifier=clf, sw_batch_size=32,
-                                      context_slices=args.context_slices if args.method == "segmenter" else 0)
+                                      context_slices=context)
     axis = pipe.slice_axis
     volumes = []
     for item in items:
