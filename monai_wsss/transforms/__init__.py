@@ -1,6 +1,7 @@
 """Array and dictionary transforms: volume preprocessing, slicing, weak labels, model space, map post-processing."""
 
 # --- preprocessing (data helper) ---
+from monai_wsss.transforms.augmentation import RandBrightDistractor, RandBrightDistractord
 from monai_wsss.transforms.intensity import (
     ScaleIntensityNonzeroPercentiles,
     ScaleIntensityNonzeroPercentilesd,
@@ -38,6 +39,8 @@ from monai_wsss.transforms.postprocess import (
 
 __all__ = [
     # preprocessing
+    "RandBrightDistractor",
+    "RandBrightDistractord",
     "LoadVolumed",
     "SaveVolumed",
     "axis_codes",
