@@ -43,7 +43,7 @@ def test_distractors_are_saturated_body_pixels_away_from_the_target_and_the_rest
     for seed in range(10):
         out = transform.set_random_state(seed)(img, target=target[None])
         painted = out[0] == 1.0
-        assert painted.any()
+        assert painted.any() and torch.equal(painted, transform.region)
         assert not (painted & ~BODY).any(), "a distractor left the body"
         near_target = torch.nn.functional.max_pool2d(target[None, None].float(), 5, 1, 2)[0, 0] > 0
         assert not (painted & near_target).any(), "a distractor touched the target or its margin"
@@ -166,3 +166,44 @@ def test_a_segmenter_trained_with_distractors_leaves_a_bright_structure_alone_th
             assert dice > 0.6, f"the augmented segmenter lost the target (Dice {dice:.3f})"
     assert marked[False] > 0.5, f"without the augmentation only {marked[False]:.2f} of the structure was marked"
     assert marked[True] < 0.25, f"with the augmentation {marked[True]:.2f} of the structure was still marked"
+
+
+def test_stress_script_scores_segmenters_on_painted_validation_slices_without_pixel_masks(tmp_path, capsys):
+    import shutil
+    import sys
+
+    from monai_wsss.data import make_synthetic_dataset
+    from monai_wsss.data.labels import main as labels_main
+    from conftest import REPO, perturb
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    from distractor_stress import main as stress_main
+
+    items = make_synthetic_dataset(tmp_path / "brats", num_cases=2, shape=(40, 40, 12), seed=3)
+    labels = tmp_path / "labels.csv"
+    assert labels_main(["--dataset_dir", str(tmp_path / "brats"), "--task", "brats", "--out", str(labels), "--quiet"]) == 0
+    pseudo_dir = tmp_path / "pseudo"
+    pseudo_dir.mkdir()
+    for item in items:  # stands in for a run's pseudo-masks; the script reads no "seg"
+        shutil.copy(item.pop("seg"), pseudo_dir / f"{item['case']}_pseudo.nii.gz")
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps({"validation": items}))
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLES["brats"] / "configs" / "inference.json"))
+    for seed in (0, 1):
+        torch.save(perturb(parser.get_parsed_content("network_def", instantiate=True), seed=seed).state_dict(),
+                   tmp_path / f"net{seed}.pt")
+    args = ["--bundle_root", str(BUNDLES["brats"]), "--task", "brats", "--datalist", str(datalist), "--labels",
+            str(labels), "--pseudo_dir", str(pseudo_dir), "--model_paths", str(tmp_path / "net0.pt"),
+            str(tmp_path / "net1.pt"), "--out", str(tmp_path / "rows.json")]
+    rows = stress_main(args)
+    assert json.loads((tmp_path / "rows.json").read_text()) == rows
+    assert [r["slices"] for r in rows] == [rows[0]["slices"]] * 2 and rows[0]["slices"] > 0
+    assert rows[0] != rows[1]  # two networks, one set of painted slices, two answers
+    for row in rows:
+        for key in ("distractor_pixels_marked", "pseudo_mask_pixels_marked_clean", "pseudo_mask_pixels_marked_painted"):
+            assert 0.0 <= row[key] <= 1.0
+    (pseudo_dir / f"{items[0]['case']}_pseudo.nii.gz").unlink()
+    with pytest.raises(SystemExit):
+        stress_main(args)
+    assert f"no pseudo-mask {items[0]['case']}_pseudo.nii.gz" in capsys.readouterr().err

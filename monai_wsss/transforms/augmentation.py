@@ -98,6 +98,11 @@ class RandBrightDistractor(RandomizableTransform):
         self.value_range = (float(value_range[0]), float(value_range[1]))
         self._region: torch.Tensor | None = None
 
+    @property
+    def region(self) -> torch.Tensor | None:
+        """The ``(H, W)`` distractor mask of the last slice augmented (None before the first)."""
+        return self._region
+
     def _draw_region(self, body: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         """Union of random ellipses centred on allowed pixels, restricted to them (``(H, W)`` bool)."""
         h, w = body.shape
