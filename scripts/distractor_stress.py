@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         painted.append(stressed)
         pseudo.append(target[0])
         regions.append(painter.region.clone())
+    region, target = torch.stack(regions), torch.stack(pseudo)  # the painter keeps regions off the pseudo-masks
     rows = []
     for model_path in args.model_paths:
         net = load_weights(cfg.get_parsed_content("network_def"), model_path, "cpu", name="segmenter").eval()
@@ -76,7 +77,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                  for i in range(0, len(batch), 32)]) > args.threshold
                 for name, batch in (("clean", clean), ("painted", painted))
             }
-        region, target = torch.stack(regions) & ~torch.stack(pseudo), torch.stack(pseudo)
         row = {
             "model_path": model_path,
             "slices": len(clean),

@@ -1,4 +1,5 @@
-"""Array and dictionary transforms: volume preprocessing, slicing, weak labels, model space, map post-processing."""
+"""Array and dictionary transforms: volume preprocessing, training augmentation, slicing, weak labels, model space, map
+post-processing."""
 
 # --- preprocessing (data helper) ---
 from monai_wsss.transforms.augmentation import RandBrightDistractor, RandBrightDistractord
