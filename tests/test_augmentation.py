@@ -181,7 +181,8 @@ def test_stress_script_scores_segmenters_on_painted_validation_slices_without_pi
 
     items = make_synthetic_dataset(tmp_path / "brats", num_cases=2, shape=(40, 40, 12), seed=3)
     labels = tmp_path / "labels.csv"
-    assert labels_main(["--dataset_dir", str(tmp_path / "brats"), "--task", "brats", "--out", str(labels), "--quiet"]) == 0
+    labels_args = ["--dataset_dir", str(tmp_path / "brats"), "--task", "brats", "--out", str(labels), "--quiet"]
+    assert labels_main(labels_args) == 0
     pseudo_dir = tmp_path / "pseudo"
     pseudo_dir.mkdir()
     for item in items:  # stands in for a run's pseudo-masks; the script reads no "seg"
