@@ -362,7 +362,8 @@ TASKS: dict[str, TaskPreset] = {
                 0.3, "volume", None, 0,
                 chosen_on=f"{_CHAOS_DOCS}/training.md, 'Synthetic bright distractors (bundle 0.10.0)', "
                 "post-processing: labels-only validation, volume Dice against the pseudo-masks 0.819 at 0.3 without "
-                "the component filter vs 0.810 with it (>= 1000 voxels), 0.803 at 0.5, 0.752 at 0.7; the slice gate 0.817",
+                "the component filter vs 0.810 with it (>= 1000 voxels), 0.803 at 0.5, 0.752 at 0.7; the slice "
+                "gate 0.817",
             ),
         },
     ),
