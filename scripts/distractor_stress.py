@@ -28,6 +28,7 @@ from monai.bundle import ConfigParser
 from monai_wsss.apps import list_volumes, load_weights
 from monai_wsss.data import TASKS, SliceLabels, build_slice_dataset
 from monai_wsss.transforms import RandBrightDistractor
+from monai_wsss.utils.atomic_files import write_text_atomic
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -87,9 +88,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows.append(row)
         print(json.dumps(row))
     if args.out:
-        tmp = Path(f"{args.out}.tmp")
-        tmp.write_text(json.dumps(rows, indent=2) + "\n")
-        tmp.replace(args.out)
+        write_text_atomic(args.out, json.dumps(rows, indent=2) + "\n")
     return rows
 
 

@@ -155,12 +155,11 @@ class RandBrightDistractor(RandomizableTransform):
                     f"RandBrightDistractor: target mask of spatial shape {tuple(target_mask.shape)} does not match "
                     f"the slice's {tuple(body.shape)}."
                 )
-        if self.margin > 0 and target_mask.any():
-            k = 2 * self.margin + 1
-            near = F.max_pool2d(target_mask[None, None].float(), k, stride=1, padding=self.margin)[0, 0] > 0
-        else:
-            near = target_mask
         if randomize or self._region is None or self._region.shape != body.shape:
+            near = target_mask
+            if self.margin > 0 and target_mask.any():
+                k = 2 * self.margin + 1
+                near = F.max_pool2d(target_mask[None, None].float(), k, stride=1, padding=self.margin)[0, 0] > 0
             self._region = self._draw_region(body, body & ~near)
             self._factor = self.R.uniform(*self.dimming)
             self._noise_seed = int(self.R.randint(2**31 - 1))
