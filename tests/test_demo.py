@@ -12,41 +12,80 @@ import pytest
 from monai_wsss import demo
 
 
-@pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-    """One in-process ``--quick`` demo (``--jobs 1``: every step in turn), shared: its output is checked here and
-    compared with a second run below, whose steps run two at a time in worker processes."""
+def _quick_run_in_process(out_dir):
+    """One in-process ``--quick`` demo (``--jobs 1``: every step in turn); returns (result, what it printed)."""
     from contextlib import redirect_stdout
     from io import StringIO
 
-    out_dir = tmp_path_factory.mktemp("demo")
     printed = StringIO()
     with redirect_stdout(printed):
         result = demo.main(["--out_dir", str(out_dir), "--quick", "--jobs", "1"])
-    return out_dir, result, printed.getvalue()
+    return result, printed.getvalue()
 
 
-def test_quick_demo_runs_every_step_through_the_bundle(quick_run):
-    tmp_path, result, printed = quick_run
+@pytest.mark.slow
+def test_quick_demo_runs_every_step_through_the_bundle_and_the_command_repeats_its_scores(tmp_path):
+    """
+    The in-process demo's outputs, then the command with its steps two at a time in worker processes, which must
+    print the same table (one test, so that the first run is made once: a module fixture ran on both xdist workers).
+    """
+    first_dir = tmp_path / "jobs1"
+    result, printed = _quick_run_in_process(first_dir)
+    _check_quick_demo_outputs(first_dir, result, printed)
+    _check_the_command_repeats(first_dir, tmp_path / "jobs2")
+
+
+def _check_quick_demo_outputs(out_dir, result, printed):
     assert list(result["summaries"]) == ["segmenter", "cdm", "cg_cdm", "cg_diff", "threshold", "whole brain"]
     for name in result["summaries"]:
         assert f"| {name} |" in printed
         summary = result["summaries"][name]
         assert summary["num_positive_slices"] > 0 and 0.0 <= summary["slice_dice"] <= 1.0
-        assert name == "whole brain" or list((tmp_path / name / "overlays").glob("*.png"))
+        assert name == "whole brain" or list((out_dir / name / "overlays").glob("*.png"))
     # the diffusion model, the classifier and the segmentation network were trained by the bundle's own configs
     for name in ("diffusion_final.pt", "classifier_final.pt", "model_final.pt"):
-        assert (tmp_path / "models" / name).is_file(), name
-    assert list((tmp_path / "pseudo_masks").rglob("*_pseudo.nii.gz"))
-    test_cases = json.loads((tmp_path / "train_diffusion" / "datalist.json").read_text())["test"]
+        assert (out_dir / "models" / name).is_file(), name
+    assert list((out_dir / "pseudo_masks").rglob("*_pseudo.nii.gz"))
+    test_cases = json.loads((out_dir / "train_diffusion" / "datalist.json").read_text())["test"]
     for item in test_cases:
         stem = item["image"].rsplit("/", 1)[1][: -len(".nii.gz")]
-        mask = nib.load(tmp_path / "cdm" / f"{stem}_mask.nii.gz")
+        mask = nib.load(out_dir / "cdm" / f"{stem}_mask.nii.gz")
         image = nib.load(item["image"])
         assert mask.shape == image.shape and np.allclose(mask.affine, image.affine)
-    saved = json.loads((tmp_path / "summary.json").read_text())
+    saved = json.loads((out_dir / "summary.json").read_text())
     assert set(saved["summaries"]) == set(result["summaries"]) and saved["seconds"]["total"] > 0
-    assert (tmp_path / "summary.md").read_text().startswith("# monai_wsss demo")
+    assert (out_dir / "summary.md").read_text().startswith("# monai_wsss demo")
+
+
+def _check_the_command_repeats(first_dir, out_dir):
+    """``python -m monai_wsss.demo --jobs 2`` logs one training line per epoch and prints the first run's table."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "monai_wsss.demo", "--quick", "--out_dir", str(out_dir), "--jobs", "2"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = [line for line in out.stdout.splitlines() if "train_loss" in line]
+    # diffusion, classifier and segmenter trainings, one epoch each at --quick: only each epoch's last iteration is logged
+    epochs = sum(demo.QUICK_SETTINGS[f"{name}_epochs"] for name in ("diffusion", "classifier", "segmenter"))
+    assert len(lines) == epochs, out.stdout[-2000:]
+    for line in lines:
+        done, total = re.search(r"Iter: (\d+)/(\d+)", line).groups()
+        assert done == total, line
+    # seeded data, training and noise: a second run, its steps two at a time in worker processes, prints the table
+    # of the first, which ran them in turn in one process (one thread each)
+    first = json.loads((first_dir / "summary.json").read_text())
+    second = json.loads((out_dir / "summary.json").read_text())
+    assert first["threads"] == second["threads"] == 1
+    assert (first["jobs"], second["jobs"]) == (1, 2)
+    assert demo.result_table(second["summaries"]) == demo.result_table(first["summaries"])
+
+    def scores(saved: dict) -> dict:  # everything but wall times
+        return {m: {k: v for k, v in s.items() if "seconds" not in k} for m, s in saved["summaries"].items()}
+
+    assert scores(second) == scores(first), "the scores differ beyond the third decimal"
 
 
 def test_demo_steps_wait_only_for_earlier_steps():
@@ -63,37 +102,6 @@ def test_demo_steps_wait_only_for_earlier_steps():
 def test_demo_rejects_unknown_methods(tmp_path):
     with pytest.raises(ValueError, match="unknown demo method"):
         demo.run_demo(tmp_path, {**demo.QUICK_SETTINGS, "methods": ("cdm", "gradcam")})
-
-
-@pytest.mark.slow
-def test_demo_command_prints_one_training_line_per_epoch_and_repeats_its_scores(tmp_path, quick_run):
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "monai_wsss.demo", "--quick", "--out_dir", str(tmp_path), "--jobs", "2"]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    lines = [line for line in out.stdout.splitlines() if "train_loss" in line]
-    # diffusion, classifier and segmenter trainings, one epoch each at --quick: only each epoch's last iteration is logged
-    epochs = sum(demo.QUICK_SETTINGS[f"{name}_epochs"] for name in ("diffusion", "classifier", "segmenter"))
-    assert len(lines) == epochs, out.stdout[-2000:]
-    for line in lines:
-        done, total = re.search(r"Iter: (\d+)/(\d+)", line).groups()
-        assert done == total, line
-    # seeded data, training and noise: a second run, its steps two at a time in worker processes, prints the table
-    # of the first, which ran them in turn in one process (one thread each)
-    first = json.loads((quick_run[0] / "summary.json").read_text())
-    second = json.loads((tmp_path / "summary.json").read_text())
-    assert first["threads"] == second["threads"] == 1
-    assert (first["jobs"], second["jobs"]) == (1, 2)
-    assert demo.result_table(second["summaries"]) == demo.result_table(first["summaries"])
-
-    def scores(saved: dict) -> dict:  # everything but wall times
-        return {m: {k: v for k, v in s.items() if "seconds" not in k} for m, s in saved["summaries"].items()}
-
-    assert scores(second) == scores(first), "the scores differ beyond the third decimal"
 
 
 def test_readme_check_passes_within_its_tolerance_and_fails_beyond_it(tmp_path):
