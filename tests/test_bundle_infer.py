@@ -9,8 +9,6 @@ import math
 import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -20,6 +18,7 @@ import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
 
 from conftest import BUNDLES, REPO, TINY_UNET, perturb
+from forked_cli import run_module, run_ranks
 from monai_wsss.data import make_synthetic_dataset
 from monai_wsss.networks.nets import ConditionalDiffusionUNet, NoisyClassifier
 
@@ -445,16 +444,17 @@ def test_evaluate_needs_ground_truth(env, tmp_path):
 
 
 def test_command_line(env, tmp_path):
-    """The documented command, in a fresh process, with list overrides the way a shell passes them."""
+    """The documented command (``python -m monai.bundle run``, forked: tests/forked_cli.py), with list overrides the
+    way a shell passes them."""
     cmd = [
-        sys.executable, "-m", "monai.bundle", "run",
+        "run",
         "--config_file", str([str(BUNDLES["brats"] / "configs" / f) for f in ("inference.json", "inference_cdm.json")]),
         "--dataset_dir", str(env["brats"]), "--output_dir", str(tmp_path),
         "--diffusion_path", str(env["models"] / "diffusion.pt"),
     ]
     for key, value in {**TINY_NETS, **FAST}.items():
         cmd += [f"--{key}", repr(value)]  # Python literals, as fire parses them
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = run_module("monai.bundle", cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = read_csv(tmp_path / "predictions.csv")
     assert len(rows) == 3
@@ -517,7 +517,8 @@ def test_the_key_metric_scores_this_runs_scans_and_is_nan_when_a_rerun_has_none_
 
 @pytest.mark.slow
 def test_two_process_inference_shards_the_scans_and_shares_one_threshold(env, tmp_path):
-    """multi_gpu_inference.json under torchrun (2 CPU processes, gloo), here with evaluate.json: each rank segments
+    """multi_gpu_inference.json on two ranks as torchrun starts them (2 CPU processes, gloo; tests/forked_cli.py
+    ``run_ranks``), here with evaluate.json: each rank segments
     its share of the scans into <output_dir>/rank<k>/; the dataset-level average Otsu threshold, the key metric and
     the report's pooled scores are those of the whole dataset."""
     single = run_bundle(env, "evaluate.json", method="threshold", dataset_dir=str(env["brats"]),
@@ -525,11 +526,10 @@ def test_two_process_inference_shards_the_scans_and_shares_one_threshold(env, tm
     configs = [str(BUNDLES["brats"] / "configs" / f) for f in
                ("inference.json", "inference_threshold.json", "evaluate.json", "multi_gpu_inference.json")]
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "monai.bundle",
         "run", "--config_file", str(configs), "--dataset_dir", str(env["brats"]), "--output_dir", str(tmp_path / "multi"),
         "--progress", "false", "--spatial_size", repr([SIZE, SIZE]), "--num_overlays", "0",
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = run_ranks("monai.bundle", cmd, nproc=2, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     shards = [read_csv(tmp_path / "multi" / f"rank{k}" / "predictions.csv") for k in (0, 1)]
     cases = [r["case"] for rows in shards for r in rows]

@@ -7,8 +7,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 import weakref
 from pathlib import Path
@@ -30,6 +28,7 @@ from monai_wsss.bundle import (
     verify_bundle_networks,
 )
 from conftest import BUNDLES, REPO
+from forked_cli import run_ranks, start_module
 from monai_wsss.data import make_synthetic_dataset
 
 SCHEMA = REPO / "bundles" / "schema" / "meta_schema_monai_wsss.json"
@@ -184,9 +183,10 @@ def test_train_classifier_runs_and_saves(bundle, datasets, tmp_path):
     assert checkpoint["trainer"]["iteration"] == 2
 
 
-def _cli(config: str, dataset_dir: str, bundle_root: Path, extra: dict, prefix=()) -> list[str]:
+def _cli(config: str, dataset_dir: str, bundle_root: Path, extra: dict) -> list[str]:
+    """The arguments of ``python -m monai.bundle run ...`` for a brats training config."""
     args = {**FAST, **FAST_VALIDATION[config], **extra}
-    cmd = [*prefix, "-m", "monai.bundle", "run", "--config_file", str(BUNDLES["brats"] / "configs" / config)]
+    cmd = ["run", "--config_file", str(BUNDLES["brats"] / "configs" / config)]
     cmd += ["--bundle_root", str(bundle_root), "--dataset_dir", dataset_dir]
     for key, value in args.items():
         cmd += [f"--{key}", json.dumps(value) if isinstance(value, list) else str(value)]
@@ -198,21 +198,21 @@ def test_resume_after_a_killed_run_loses_no_epoch(datasets, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = _cli("train_diffusion.json", datasets["brats"], tmp_path, {"max_epochs": 1000, "val_interval": 1000})
     ckpt_dir = tmp_path / "outputs" / "train_diffusion" / "checkpoints"
-    log = tmp_path / "killed_run.log"  # a file, not a pipe: a full pipe would block the child
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, *cmd], env=env, stdout=out, stderr=subprocess.STDOUT)
+    # python -m monai.bundle run ..., forked (tests/forked_cli.py); its output goes to files, not pipes
+    proc = start_module("monai.bundle", cmd, env=env, output_dir=tmp_path / "killed_run")
     try:
         deadline = time.time() + 240
         newest = None
         # wait for the checkpoint of epoch 2 or later (the saver writes the new file before removing the old one)
         while newest is None or newest.endswith("epoch=1.pt"):
-            assert proc.poll() is None, log.read_text()[-2000:]
+            assert proc.poll() is None, proc.output()[1][-2000:]
             assert time.time() < deadline, "no checkpoint of epoch 2 within 240 s"
             time.sleep(0.5)
             newest = latest_checkpoint(ckpt_dir)
     finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        proc.kill()  # SIGKILL
+        proc.wait(30)
+    assert proc.returncode == -signal.SIGKILL
     resume_from = latest_checkpoint(ckpt_dir)
     assert resume_from is not None, f"no readable checkpoint left by the killed run: {sorted(os.listdir(ckpt_dir))}"
     state = _load_state(resume_from)["trainer"]
@@ -227,11 +227,11 @@ def test_resume_after_a_killed_run_loses_no_epoch(datasets, tmp_path):
 @pytest.mark.slow
 def test_two_process_gloo_training(datasets, tmp_path):
     configs = json.dumps([str(BUNDLES["brats"] / "configs" / n) for n in ("train_diffusion.json", "multi_gpu_train.json")])
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    cmd = _cli("train_diffusion.json", datasets["brats"], tmp_path, {"max_epochs": 2, "use_ema": True}, prefix=torchrun)
+    cmd = _cli("train_diffusion.json", datasets["brats"], tmp_path, {"max_epochs": 2, "use_ema": True})
     cmd[cmd.index("--config_file") + 1] = configs
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    # two ranks as torchrun starts them (tests/forked_cli.py)
+    result = run_ranks("monai.bundle", cmd, nproc=2, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "val_slice_auc" in result.stdout + result.stderr  # selection from the slice labels alone
     checkpoint = _load_state(tmp_path / "outputs" / "train_diffusion" / "checkpoints" / "checkpoint_epoch=2.pt")

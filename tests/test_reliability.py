@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import nibabel as nib
@@ -24,6 +23,7 @@ import torch
 from monai.bundle import ConfigParser
 
 from conftest import TINY_UNET
+from forked_cli import run_module, start_script
 from monai_wsss.apps import MANIFEST_NAME, FailedVolumesError, RunFolderError, VolumeSegmentationPipeline, list_volumes, load_weights
 from monai_wsss.apps.run_folder import LOCK_NAME
 from monai_wsss.bundle import check_command_line, parse_option
@@ -103,13 +103,11 @@ def test_sigkill_mid_write_leaves_no_truncated_file_and_a_rerun_completes(cases,
     script.write_text(_KILLED_RUN)
     images = ",".join(it["image"] for it in cases)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, str(script), images, str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
-    )
+    proc = start_script(script, [images, str(out)], env=env, output_dir=tmp_path / "killed_run")  # forked_cli.py
     try:
-        line = proc.stdout.readline()  # blocks until the child is mid-write
-        assert line.startswith("WRITING"), proc.stderr.read()[-2000:]
-        proc.send_signal(signal.SIGKILL)
+        line = proc.first_line()  # waits until the child is mid-write
+        assert line.startswith("WRITING"), proc.output()[1][-2000:]
+        proc.kill()  # SIGKILL
         proc.wait(timeout=30)
     finally:
         if proc.poll() is None:
@@ -220,10 +218,10 @@ def test_options_are_typed_and_unknown_keys_refused(tmp_path):
 
 def test_unknown_command_line_key_fails_before_any_compute(cases, tmp_path):
     cmd = [
-        sys.executable, "-m", "monai.bundle", "run", "--config_file", str(CDM_CONFIGS),
+        "run", "--config_file", str(CDM_CONFIGS),
         "--image", cases[0]["image"], "--output_dir", str(tmp_path / "out"), "--noise_levle", "50",
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = run_module("monai.bundle", cmd, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode != 0 and "did you mean --noise_level" in proc.stderr
     assert not (tmp_path / "out").exists()
 

@@ -8,8 +8,6 @@ import csv
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -21,6 +19,7 @@ import torch
 from monai.bundle import ConfigWorkflow
 
 from conftest import BUNDLES, REPO
+from forked_cli import run_module, start_script
 from monai_wsss.apps import FailedVolumesError, RunFolder, RunFolderError
 from monai_wsss.apps.run_folder import LOCK_NAME, MANIFEST_NAME
 from monai_wsss.bundle import method_config_files
@@ -206,15 +205,15 @@ def test_a_killed_run_does_not_leave_its_folder_locked(cases, tmp_path):
         time.sleep(60)
         """
     )
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=REPO,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    (tmp_path / "holds_the_lock.py").write_text(script)
+    proc = start_script(tmp_path / "holds_the_lock.py", [], cwd=REPO, output_dir=tmp_path / "holder")  # forked_cli.py
     try:
-        assert proc.stdout.readline().strip() == "open"
+        assert proc.first_line().strip() == "open", proc.output()[1][-2000:]
         folder = RunFolder(tmp_path, [{"case": "a", "image": cases[0]["image"]}], {"m": 1})
         with pytest.raises(RunFolderError, match="in use"):
             folder.open()
     finally:
-        proc.send_signal(signal.SIGKILL)
+        proc.kill()  # SIGKILL
         proc.wait(timeout=30)
     folder.open()  # the OS released the dead run's lock
     assert folder.opened and not folder.resumed  # the dead run wrote nothing: a new run
@@ -261,13 +260,13 @@ def test_user_errors_print_in_one_line_and_bugs_keep_their_traceback(capsys, mon
 def test_the_command_line_run_with_a_bad_scan_exits_non_zero_in_two_lines(cases, tmp_path):
     folder, bad = _folder_with_one_zero_scan(cases, tmp_path)
     cmd = [
-        sys.executable, "-m", "monai.bundle", "run", "--config_file", str(BUNDLES["brats"] / "configs" / "inference.json"),
+        "run", "--config_file", str(BUNDLES["brats"] / "configs" / "inference.json"),
         "--dataset_dir", str(folder), "--output_dir", str(tmp_path / "out"), "--progress", "false",
         "--min_component_size", "5",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("MONAI_WSSS_TRACEBACK", None)
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    proc = run_module("monai.bundle", cmd, env=env)
     assert proc.returncode != 0
     tail = proc.stderr.strip().splitlines()[-2:]
     assert tail[0].startswith("error: FailedVolumesError: 1 of 3 volumes") and bad.parent.name in tail[0]
