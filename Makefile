@@ -20,7 +20,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 venv: $(VENV)/.installed
 
 # two workers, one per core (pytest-xdist); --maxschedchunk 1 with the order set in tests/conftest.py starts the
-# longest notebooks on different workers
+# longest tests on different workers
 test: venv
 	$(PY) -m pytest -q -n 2 --maxschedchunk 1 tests
 
