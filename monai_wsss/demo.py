@@ -426,7 +426,8 @@ def run_steps(steps: Sequence[DemoStep], jobs: int = 1, threads: int = 1) -> dic
 
     Args:
         steps: the steps; ``needs`` may only name earlier ones.
-        jobs: steps at a time (1: in this process, in the order given; more: in worker processes forked from a server that has imported this module).
+        jobs: steps at a time (1: in this process, in the order given; more: in worker processes, forked from a
+            server that has imported this module where the platform has a forkserver, else spawned).
         threads: torch threads in each worker process.
 
     Returns:
@@ -449,16 +450,20 @@ def run_steps(steps: Sequence[DemoStep], jobs: int = 1, threads: int = 1) -> dic
         return {step.name: _run_step(step) for step in steps}
 
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-    from multiprocessing import get_context
+    from multiprocessing import get_all_start_methods, get_context
 
     done: dict[str, tuple[float, dict]] = {}
     waiting = list(steps)
     running: dict[Any, str] = {}
     # forkserver: the workers are forked from a fresh server process that imported this module (torch and MONAI,
     # ~12 s per interpreter on a 2-core CPU) and ran no torch op, so it holds no thread pool a fork would break and
-    # each worker starts without paying the import again (forking this process itself would be unsafe)
-    context = get_context("forkserver")
-    context.set_forkserver_preload(["monai_wsss.demo"])
+    # each worker starts without paying the import again (forking this process itself would be unsafe). Windows has
+    # no forkserver: spawn, a fresh interpreter per worker.
+    if "forkserver" in get_all_start_methods():
+        context = get_context("forkserver")
+        context.set_forkserver_preload(["monai_wsss.demo"])
+    else:
+        context = get_context("spawn")
     with ProcessPoolExecutor(jobs, mp_context=context, initializer=_start_worker, initargs=(threads,)) as pool:
         while waiting or running:
             for step in [s for s in waiting if all(n in done for n in s.needs)][: jobs - len(running)]:

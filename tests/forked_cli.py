@@ -10,7 +10,8 @@ does what the interpreter does: ``runpy`` runs the module or script as ``__main_
 in the given working directory and environment, with stdout and stderr on files; an uncaught exception goes through
 ``sys.excepthook`` and exits 1, ``SystemExit`` gives its code. What differs from a new interpreter is only that the
 imports happened before the environment was applied: variables read at import time (``OMP_NUM_THREADS``, import-time
-warnings) keep the test worker's values. Tests about those run a real subprocess instead.
+warnings) keep the test worker's values. Tests about those run a real subprocess instead. Needs a platform with a
+forkserver (Linux, macOS), as the CI has.
 """
 
 from __future__ import annotations
@@ -41,7 +42,9 @@ def _context():
     return _CONTEXT
 
 
-def _main(target: str, is_module: bool, args: list[str], env: dict[str, str], cwd: str, stdout: str, stderr: str) -> None:
+def _main(
+    target: str, is_module: bool, args: list[str], env: dict[str, str], cwd: str, stdout: str, stderr: str
+) -> None:
     """The child: ``python -m target *args`` (or ``python target *args``) as the interpreter runs it, then exit."""
     for fd, path in ((1, stdout), (2, stderr)):
         opened = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -159,7 +162,8 @@ def run_module(
     timeout: float = 300,
 ) -> subprocess.CompletedProcess:
     """
-    ``subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True)``, forked (module docstring).
+    ``subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True)``, forked (see the
+    module docstring).
 
     Raises:
         subprocess.TimeoutExpired: the run took longer than ``timeout`` seconds (it is killed first).
@@ -209,4 +213,5 @@ def run_ranks(
         raise
     outputs = [run.output() for run in runs]
     code = next((c for c in codes if c != 0), 0)
-    return subprocess.CompletedProcess([module, *args], code, "".join(o[0] for o in outputs), "".join(o[1] for o in outputs))
+    stdout, stderr = ("".join(o[k] for o in outputs) for k in (0, 1))
+    return subprocess.CompletedProcess([module, *args], code, stdout, stderr)
