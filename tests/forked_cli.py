@@ -144,7 +144,8 @@ def start_module(
         args: the command-line arguments after ``-m module``.
         env: the child's whole environment (default: this process's).
         cwd: its working directory (default: this process's).
-        output_dir: where its ``stdout.txt`` / ``stderr.txt`` go (default: a new temporary folder).
+        output_dir: where its ``stdout.txt`` / ``stderr.txt`` go (default: a new temporary folder, left in place:
+            pass a folder the test removes, e.g. under ``tmp_path``).
     """
     return _start(module, True, args, env, cwd, output_dir)
 
@@ -168,14 +169,15 @@ def run_module(
     Raises:
         subprocess.TimeoutExpired: the run took longer than ``timeout`` seconds (it is killed first).
     """
-    run = start_module(module, args, env=env, cwd=cwd)
-    try:
-        code = run.wait(timeout)
-    except subprocess.TimeoutExpired:
-        run.kill()
-        run.wait(30)
-        raise
-    stdout, stderr = run.output()
+    with tempfile.TemporaryDirectory(prefix="forked_cli_") as out:
+        run = start_module(module, args, env=env, cwd=cwd, output_dir=out)
+        try:
+            code = run.wait(timeout)
+        except subprocess.TimeoutExpired:
+            run.kill()
+            run.wait(30)
+            raise
+        stdout, stderr = run.output()
     return subprocess.CompletedProcess(run.args, code, stdout, stderr)
 
 
@@ -198,20 +200,22 @@ def run_ranks(
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     base = dict(os.environ if env is None else env)
-    runs = []
-    for rank in range(nproc):
-        rank_env = {**base, "RANK": str(rank), "LOCAL_RANK": str(rank), "GROUP_RANK": "0", "WORLD_SIZE": str(nproc),
-                    "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        runs.append(start_module(module, args, env=rank_env))
-    deadline = time.monotonic() + timeout
-    try:
-        codes = [run.wait(max(0.0, deadline - time.monotonic())) for run in runs]
-    except subprocess.TimeoutExpired:
-        for run in runs:
-            run.kill()
-            run.process.join(30)
-        raise
-    outputs = [run.output() for run in runs]
+    with tempfile.TemporaryDirectory(prefix="forked_cli_") as out:
+        runs = []
+        for rank in range(nproc):
+            rank_env = {**base, "RANK": str(rank), "LOCAL_RANK": str(rank), "GROUP_RANK": "0",
+                        "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": str(port)}
+            runs.append(start_module(module, args, env=rank_env, output_dir=Path(out) / f"rank{rank}"))
+        deadline = time.monotonic() + timeout
+        try:
+            codes = [run.wait(max(0.0, deadline - time.monotonic())) for run in runs]
+        except subprocess.TimeoutExpired:
+            for run in runs:
+                run.kill()
+                run.process.join(30)
+            raise
+        outputs = [run.output() for run in runs]
     code = next((c for c in codes if c != 0), 0)
     stdout, stderr = ("".join(o[k] for o in outputs) for k in (0, 1))
     return subprocess.CompletedProcess([module, *args], code, stdout, stderr)
