@@ -518,9 +518,9 @@ def test_the_key_metric_scores_this_runs_scans_and_is_nan_when_a_rerun_has_none_
 @pytest.mark.slow
 def test_two_process_inference_shards_the_scans_and_shares_one_threshold(env, tmp_path):
     """multi_gpu_inference.json on two ranks as torchrun starts them (2 CPU processes, gloo; tests/forked_cli.py
-    ``run_ranks``), here with evaluate.json: each rank segments
-    its share of the scans into <output_dir>/rank<k>/; the dataset-level average Otsu threshold, the key metric and
-    the report's pooled scores are those of the whole dataset."""
+    ``run_ranks``), here with evaluate.json: each rank segments its share of the scans into <output_dir>/rank<k>/;
+    the dataset-level average Otsu threshold, the key metric and the report's pooled scores are those of the whole
+    dataset."""
     single = run_bundle(env, "evaluate.json", method="threshold", dataset_dir=str(env["brats"]),
                         output_dir=str(tmp_path / "single"), spatial_size=[SIZE, SIZE], num_overlays=0)
     configs = [str(BUNDLES["brats"] / "configs" / f) for f in
