@@ -146,7 +146,8 @@ def test_ablation_command_reads_maps_in_the_requested_mode(tmp_path):
     data = tmp_path / "data"
     make_synthetic_dataset(data, num_cases=5, shape=(64, 64, 12), seed=1)
     common = ["--bundle_root", str(bundle), "--dataset_dir", str(data), "--split", "test", "--params", "tau",
-              "--grid", '{"tau": [0.8]}', "--max_slices", "3", "--repeats", "1", "--num_steps", "2", "--device", "cpu"]
+              "--grid", '{"tau": [0.8]}', "--max_slices", "3", "--repeats", "1", "--num_steps", "2", "--device", "cpu",
+              "--criterion", "pixel_dice"]
     signed = main([*common, "--out_dir", str(tmp_path / "signed")])
     absolute = main([*common, "--out_dir", str(tmp_path / "abs"), "--map_mode", "abs"])
     assert "map mode 'signed'" in (tmp_path / "signed" / "ablation.md").read_text()  # the BraTS task's default
@@ -154,6 +155,52 @@ def test_ablation_command_reads_maps_in_the_requested_mode(tmp_path):
     assert len(signed) == len(absolute) == 1
     with pytest.raises(SystemExit):
         main([*common, "--map_mode", "square"])
+
+
+def test_ablation_chooses_by_image_level_labels_and_refuses_pixel_masks_outside_test(tmp_path):
+    import csv as csv_module
+    from pathlib import Path
+
+    from monai_wsss.benchmark.ablation import main
+
+    bundle = Path(__file__).resolve().parents[1] / "bundles" / "brats_cdm"
+    data = tmp_path / "data"
+    make_synthetic_dataset(data, num_cases=5, shape=(64, 64, 12), seed=1)
+    labels = tmp_path / "labels.csv"
+    from monai_wsss.data.labels import main as write_labels
+
+    write_labels(["--dataset_dir", str(data), "--task", "brats", "--out", str(labels)])
+    with labels.open() as f:
+        rows = list(csv_module.DictReader(f))
+    flipped = tmp_path / "flipped.csv"
+    with flipped.open("w", newline="") as f:  # the same slices with every label inverted
+        writer = csv_module.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows({**r, "label": str(1 - int(r["label"]))} for r in rows)
+    common = ["--bundle_root", str(bundle), "--dataset_dir", str(data), "--split", "validation", "--joint",
+              "--params", "noise_level", "tau", "--grid", '{"noise_level": [4, 8], "tau": [0.8]}', "--max_slices", "0",
+              "--repeats", "1", "--num_steps", "2", "--device", "cpu", "--precision", "float32"]
+    by_file = main([*common, "--labels", str(labels), "--out_dir", str(tmp_path / "file")])
+    by_flipped = main([*common, "--labels", str(flipped), "--out_dir", str(tmp_path / "flipped")])
+    assert [(r["parameter"], r["noise_level"]) for r in by_file] == [("joint", 4), ("joint", 8)]
+    for r, f in zip(by_file, by_flipped):  # the score reads the labels file: inverted labels, 1 - AUROC
+        assert 0.0 <= r["slice_auroc"] <= 1.0
+        assert f["slice_auroc"] == pytest.approx(1.0 - r["slice_auroc"], abs=1e-9)
+    md = (tmp_path / "file" / "ablation.md").read_text()
+    assert "scored by slice AUROC" in md and str(labels) in md
+    best = max(by_file, key=lambda r: r["slice_auroc"])
+    assert md.index(f"| {best['noise_level']} | {best['slice_auroc']:.3f}") < md.index("| 4 |" if best["noise_level"] == 8 else "| 8 |")
+    with pytest.raises(ValueError, match="only score the test split"):
+        main([*common, "--criterion", "pixel_dice", "--out_dir", str(tmp_path / "pixels")])
+
+
+def test_joint_settings_are_every_combination_with_R_at_most_Q():
+    from monai_wsss.benchmark.ablation import joint_settings
+
+    base = {"noise_level": 10, "num_steps": 5, "tau": 0.95, "guidance_scale": 0.0, "ensemble": 1}
+    settings = joint_settings(base, {"noise_level": [2, 10, 20], "tau": [0.8, 0.95]})
+    assert [(s["noise_level"], s["tau"]) for _, s in settings] == [(10, 0.8), (10, 0.95), (20, 0.8), (20, 0.95)]
+    assert all(p == "joint" and s["num_steps"] == 5 for p, s in settings)
 
 
 def test_keep_small_targets_brings_back_what_the_5_percent_rule_drops(tmp_path):

@@ -144,15 +144,35 @@ def test_default_hyper_parameters(bundle):
         assert flags.get_parsed_content("amp") is cuda and flags.get_parsed_content("compile") is cuda
 
 
+@pytest.mark.parametrize("config", TRAIN_CONFIGS)
+def test_training_precision_wraps_the_trained_network_without_copying_it(config):
+    from monai_wsss.networks import AutocastNetwork
+
+    fast = config_of("brats", config, precision="bfloat16")
+    wrapped, network = fast.get_parsed_content("train_network"), fast.get_parsed_content("network")
+    assert isinstance(wrapped, AutocastNetwork) and wrapped.network is network
+    # the optimiser, EMA and checkpoints hold the parameters the autocast forward trains
+    optimised = {id(p) for group in fast.get_parsed_content("optimizer").param_groups for p in group["params"]}
+    assert optimised == {id(p) for p in wrapped.parameters()}
+    assert fast["train"]["trainer"]["network"] == "@train_network"
+    plain = config_of("brats", config, precision="float32")
+    assert plain.get_parsed_content("train_network") is plain.get_parsed_content("network")
+    with pytest.raises(RuntimeError) as err:  # MONAI wraps the config's error
+        config_of("brats", config, precision="half").get_parsed_content("train_network")
+    assert "precision must be one of" in str(err.value.__cause__)
+
+
 def _load_state(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
 @pytest.mark.parametrize("bundle", sorted(BUNDLES))
 def test_train_diffusion_runs_validates_and_saves(bundle, datasets, tmp_path):
-    # CHAOS also trains the null class of classifier-free guidance (label dropout)
+    # CHAOS also trains the null class of classifier-free guidance (label dropout); BraTS trains under bfloat16
+    # autocast, whose checkpoints must be the same plain state dicts
     cfg = {"null_class": True, "label_dropout": 0.2} if bundle == "chaos" else {}
-    run_config(bundle, "train_diffusion.json", datasets[bundle], tmp_path, use_ema=True, ema_decay=0.5, **cfg)
+    precision = {"precision": "bfloat16"} if bundle == "brats" else {}
+    run_config(bundle, "train_diffusion.json", datasets[bundle], tmp_path, use_ema=True, ema_decay=0.5, **cfg, **precision)
     models, out = tmp_path / "models", tmp_path / "outputs" / "train_diffusion"
     checkpoint = _load_state(out / "checkpoints" / "checkpoint_epoch=1.pt")
     assert checkpoint["trainer"]["iteration"] == 2 and checkpoint["trainer"]["epoch_length"] == 2

@@ -10,7 +10,10 @@ timed with the fast paths off ("before": contiguous float32, MONAI's einsum atte
 ``curve`` trains the diffusion U-Net "before" and "after" from the same weights on the same batches (synthetic
 64 x 64 slices: a smooth background, a bright disc on class-1 slices) for ``--iterations`` AdamW steps, one step of
 each in turn, and reports both loss curves and the median time per iteration: the training speed-up with the
-evidence that it trains the same.
+evidence that it trains the same. Where the CPU computes bfloat16 natively (:py:func:`~monai_wsss.networks.native_bfloat16`),
+the training parts add "bfloat16": "after" under bfloat16 autocast (:py:class:`~monai_wsss.networks.AutocastNetwork`,
+float32 weights and optimiser, the training configs' ``precision`` option); its losses differ from float32 by more
+than rounding, so the curve shows whether it trains the same within noise.
 
 Networks are the bundles' sizes (:py:data:`monai_wsss.benchmark.speed.UNET_DEFAULTS`, the default
 ``NoisyClassifier``) with random weights (timing does not depend on their values).
@@ -30,7 +33,7 @@ from monai_wsss.benchmark.paired import cpu_info, paired_medians
 from monai_wsss.benchmark.speed import UNET_DEFAULTS, write_result
 from monai_wsss.inferers import ConditionDifferenceInferer
 from monai_wsss.inferers._ddim import classifier_log_prob_grad
-from monai_wsss.networks import to_memory_format
+from monai_wsss.networks import AutocastNetwork, native_bfloat16, to_memory_format
 from monai_wsss.networks.nets import ConditionalDiffusionUNet, NoisyClassifier
 from monai_wsss.utils import reuse_freed_memory
 
@@ -58,9 +61,10 @@ def _perturbed(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return module
 
 
-def build_variants(kind: str, size: int = 64, train: bool = False) -> dict[str, torch.nn.Module]:
+def build_variants(kind: str, size: int = 64, train: bool = False, bfloat16: bool = False) -> dict[str, torch.nn.Module]:
     """
-    The network ``kind`` ("unet" or "classifier") in every :py:data:`VARIANTS` entry, all with the same weights.
+    The network ``kind`` ("unet" or "classifier") in every :py:data:`VARIANTS` entry, all with the same weights,
+    and with ``bfloat16`` also "bfloat16": "after" under bfloat16 autocast (its own copy of the weights).
 
     Raises:
         ValueError: an unknown ``kind``.
@@ -80,6 +84,10 @@ def build_variants(kind: str, size: int = 64, train: bool = False) -> dict[str, 
         net = make(fused)
         net.load_state_dict(weights)
         nets[name] = to_memory_format(net.train(train), fmt)
+    if bfloat16:
+        net = make(True)
+        net.load_state_dict(weights)
+        nets["bfloat16"] = AutocastNetwork(net.train(train))
     return nets
 
 
@@ -157,9 +165,11 @@ def run_paths_benchmark(
             raise ValueError(f"classifier input gradients differ from the reference beyond {GRAD_TOLERANCE} (relative): {diffs}")
         med = paired_medians({k: (lambda c=c: classifier_log_prob_grad(c, x, noise_level, target)) for k, c in clfs.items()}, repeats)
         record(f"guidance_batch{b}", med, b, grad_max_rel_diff=diffs)
+    bfloat16 = native_bfloat16("cpu")
+    result["bfloat16_training"] = bfloat16
     if "train" in parts:
         for kind in ("unet", "classifier"):
-            nets = build_variants(kind, size, train=True)
+            nets = build_variants(kind, size, train=True, bfloat16=bfloat16)
             x = torch.randn(train_batch, 1, size, size, generator=gen)
             t = torch.randint(0, 1000, (train_batch,), generator=gen)
             y = torch.randint(0, 2, (train_batch,), generator=gen)
@@ -177,7 +187,7 @@ def run_paths_benchmark(
             med = paired_medians(fns, repeats)
             record(f"train_{kind}_batch{train_batch}", med, 1)
     if "curve" in parts:
-        result["parts"][f"curve_batch{train_batch}"] = loss_curves(iterations, train_batch, size)
+        result["parts"][f"curve_batch{train_batch}"] = loss_curves(iterations, train_batch, size, bfloat16=bfloat16)
     return result
 
 
@@ -194,19 +204,20 @@ def synthetic_batch(batch: int, size: int, gen: torch.Generator) -> tuple[torch.
     return (img.clamp(0, 1) * 2 - 1)[:, None], labels
 
 
-def loss_curves(iterations: int = 50, batch: int = 16, size: int = 64, lr: float = 2e-4) -> dict:
+def loss_curves(iterations: int = 50, batch: int = 16, size: int = 64, lr: float = 2e-4, bfloat16: bool = False) -> dict:
     """
-    Train "before" and "after" U-Nets from the same weights on the same batches, noise and timesteps (eps-MSE,
-    AdamW, as ``train_diffusion.json``), one iteration of each in turn.
+    Train "before" and "after" U-Nets (and with ``bfloat16`` "bfloat16", see :py:func:`build_variants`) from the
+    same weights on the same batches, noise and timesteps (eps-MSE, AdamW, as ``train_diffusion.json``), one
+    iteration of each in turn.
 
     Returns:
-        ``{"losses": {variant: [...]}, "seconds": {variant: median s / iteration}, "speedup", "max_abs_loss_diff",
-        "mean_last10": {variant: ...}}``.
+        ``{"losses": {variant: [...]}, "seconds": {variant: median s / iteration}, "speedup", "max_abs_loss_diff":
+        {variant: largest |loss - before loss|}, "mean_last10": {variant: ...}}``.
     """
     from monai.networks.schedulers import DDPMScheduler
 
     sched = DDPMScheduler(num_train_timesteps=1000, schedule="linear_beta", beta_start=0.0001, beta_end=0.02, clip_sample=False)
-    nets = {k: v for k, v in build_variants("unet", size, train=True).items() if k in ("before", "after")}
+    nets = {k: v for k, v in build_variants("unet", size, train=True, bfloat16=bfloat16).items() if k in ("before", "after", "bfloat16")}
     opts = {k: torch.optim.AdamW(n.parameters(), lr=lr, weight_decay=0.0) for k, n in nets.items()}
     gen = torch.Generator().manual_seed(0)
     losses: dict[str, list[float]] = {k: [] for k in nets}
@@ -230,7 +241,7 @@ def loss_curves(iterations: int = 50, batch: int = 16, size: int = 64, lr: float
         "losses": losses,
         "seconds": sec,
         "speedup": {k: sec["before"] / v for k, v in sec.items()},
-        "max_abs_loss_diff": max(abs(a - b) for a, b in zip(losses["before"], losses["after"])),
+        "max_abs_loss_diff": {k: max(abs(a - b) for a, b in zip(losses["before"], v)) for k, v in losses.items()},
         "mean_last10": {k: statistics.fmean(v[-10:]) for k, v in losses.items()},
     }
 
@@ -248,7 +259,8 @@ def to_markdown(result: dict) -> str:
                       "| variant | s / iteration | x faster than before | mean loss, last 10 |", "|---|---|---|---|"]
             for name, sec in r["seconds"].items():
                 lines.append(f"| {name} | {sec:.3f} | {r['speedup'][name]:.2f} | {r['mean_last10'][name]:.4f} |")
-            lines.append(f"\nlargest |loss after - loss before| over the run: {r['max_abs_loss_diff']:.1e}")
+            diffs = ", ".join(f"{k} {v:.1e}" for k, v in r["max_abs_loss_diff"].items() if k != "before")
+            lines.append(f"\nlargest |loss - loss before| over the run: {diffs}")
             continue
         per_slice = not part.startswith("train")
         lines += ["", f"**{part}**", "", f"| variant | {'s / slice' if per_slice else 's / step'} | x faster than before |", "|---|---|---|"]

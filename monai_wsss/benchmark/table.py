@@ -74,10 +74,16 @@ class MethodSpec:
     extra: dict = field(default_factory=dict)
 
 
-def load_bundle_networks(bundle_root: str | Path, device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module | None]:
+def load_bundle_networks(
+    bundle_root: str | Path,
+    device: torch.device,
+    diffusion_path: str | Path | None = None,
+    classifier_path: str | Path | None = None,
+) -> tuple[torch.nn.Module, torch.nn.Module | None]:
     """
     The diffusion network and noisy classifier of a bundle, built from its training configs' ``network_def``
-    and loaded from ``models/diffusion.pt`` / ``models/classifier.pt`` (``weights_only=True``).
+    and loaded from ``models/diffusion.pt`` / ``models/classifier.pt`` (``weights_only=True``), or from the
+    given paths (weights of a new training run, judged against the committed ones).
 
     Raises:
         FileNotFoundError: a missing config or diffusion weights file (named).
@@ -85,13 +91,16 @@ def load_bundle_networks(bundle_root: str | Path, device: torch.device) -> tuple
     """
     root = Path(bundle_root)
     nets = []
-    for config, weights in (("train_diffusion.json", "diffusion.pt"), ("train_classifier.json", "classifier.pt")):
-        cfg_path, w_path = root / "configs" / config, root / "models" / weights
+    for config, weights, given in (
+        ("train_diffusion.json", "diffusion.pt", diffusion_path),
+        ("train_classifier.json", "classifier.pt", classifier_path),
+    ):
+        cfg_path, w_path = root / "configs" / config, Path(given) if given else root / "models" / weights
         if not cfg_path.is_file():
             raise FileNotFoundError(f"bundle config not found: {cfg_path}")
         if not w_path.is_file():
-            if weights == "diffusion.pt":
-                raise FileNotFoundError(f"diffusion weights not found: {w_path}")
+            if weights == "diffusion.pt" or given:  # only the bundle's own classifier may be absent
+                raise FileNotFoundError(f"{'diffusion' if weights == 'diffusion.pt' else 'classifier'} weights not found: {w_path}")
             nets.append(None)
             continue
         parser = ConfigParser()
@@ -326,7 +335,7 @@ def run_table(args: argparse.Namespace) -> tuple[list[dict], str]:
             setattr(args, key, value)
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
-    net, clf = load_bundle_networks(args.bundle_root, device)
+    net, clf = load_bundle_networks(args.bundle_root, device, args.diffusion_path, args.classifier_path)
     images, segs, info = load_eval_slices(
         args.dataset_dir,
         args.task,
@@ -374,6 +383,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test")
     p.add_argument("--out_dir", default="outputs/table")
     p.add_argument("--cache_dir", default=None)
+    p.add_argument("--diffusion_path", default=None, help="diffusion weights (default: <bundle_root>/models/diffusion.pt)")
+    p.add_argument("--classifier_path", default=None, help="classifier weights (default: <bundle_root>/models/classifier.pt)")
     p.add_argument("--methods", nargs="+", default=list(ALL_METHODS))
     p.add_argument("--skip_unavailable", action="store_true", help="drop cfg silently-but-logged when the net has no null class")
     p.add_argument("--max_slices", type=int, default=64)
