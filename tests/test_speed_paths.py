@@ -94,12 +94,21 @@ def test_authors_benchmark_runs_both_codes_and_writes_results(fake_authors, tmp_
                            "--size", "16", "--num_steps", "2", "--their_timesteps", "400", "--their_noise_level", "40",
                            "--threads", "0"])
     saved = json.loads((out / "authors.json").read_text())
-    assert saved["batches"]["1"]["seconds_per_slice"].keys() == {"authors", "ours", "ours_before"}
+    from monai_wsss.networks import native_bfloat16
+
+    bf16 = {"ours_bfloat16"} if native_bfloat16("cpu") else set()  # timed only where the CPU has it
+    assert saved["batches"]["1"]["seconds_per_slice"].keys() == {"authors", "ours", "ours_before"} | bf16
     assert result["settings"]["authors"]["noise_level"] == 40 and result["settings"]["ours"]["noise_level"] == 100
     # ours with the fast paths gives the map of ours without them, to float32 rounding
     b1 = saved["batches"]["1"]
     assert b1["map_max_abs"] > 0 and b1["map_max_abs_diff_ours_vs_before"] < 1e-4
     assert "authors / ours" in (out / "authors.md").read_text()
+    # the bfloat16 contender on request (emulated where the CPU lacks it): a map near, not equal to, float32's
+    with_bf16 = authors.run_authors_benchmark(fake_authors, (2,), 1, 16, 100, 1000, 40, 400, 2, 0.95, bfloat16=True)
+    b2 = with_bf16["batches"]["2"]
+    assert "ours_bfloat16" in b2["seconds_per_slice"] and b2["authors_over_ours_bfloat16"] > 0
+    assert 0 < b2["map_max_abs_diff_bfloat16_vs_before"] < 0.5 * b2["map_max_abs"]
+    assert "ours bfloat16" in authors.to_markdown(with_bf16)
 
 
 def test_authors_benchmark_argument_errors(tmp_path, fake_authors):

@@ -18,7 +18,10 @@ parameters; theirs: ``UNetModel`` with 32 base channels, channel multipliers (1,
 level, attention at the 16 x 16 level and in the middle, scale-shift norm, 32-channel heads: 1.19 M), so the
 time is the implementations', not the training's. Timing is paired: in one process, per repeat, theirs, ours as
 configured (the default: channels-last float32 on the CPU, fused attention) and ours with both turned off
-("before"), in turn; medians and their ratios are reported (``authors.md`` / ``authors.json``).
+("before"), in turn; medians and their ratios are reported (``authors.md`` / ``authors.json``). Where the CPU
+computes bfloat16 natively (AVX512-BF16 / AMX), a fourth contender, "ours_bfloat16", is what the BraTS bundle's
+``precision`` ``auto`` runs there (:py:class:`~monai_wsss.networks.AutocastNetwork`); its map differs from float32
+by bfloat16 rounding (reported), which the bundle's validation showed leaves Dice unchanged to 0.001.
 
 The interface used from their code (all a stand-in must provide): ``unet.UNetModel(image_size, in_channels,
 model_channels, out_channels, num_res_blocks, attention_resolutions, channel_mult=..., num_classes=...,
@@ -44,7 +47,7 @@ from monai.networks.schedulers import DDIMScheduler
 from monai_wsss.benchmark.paired import cpu_info, paired_medians
 from monai_wsss.benchmark.speed import UNET_DEFAULTS, write_result
 from monai_wsss.inferers import ConditionDifferenceInferer
-from monai_wsss.networks import with_precision
+from monai_wsss.networks import native_bfloat16, with_precision
 from monai_wsss.networks.nets import ConditionalDiffusionUNet
 from monai_wsss.utils import reuse_freed_memory
 
@@ -170,6 +173,7 @@ def run_authors_benchmark(
     num_steps: int = 10,
     tau: float = 0.95,
     memory_format: str = "auto",
+    bfloat16: bool | None = None,
 ) -> dict:
     """
     Time CDM per slice with the authors' code and ours, paired in this process.
@@ -186,10 +190,12 @@ def run_authors_benchmark(
         num_steps: R, for both.
         tau: for both.
         memory_format: ours "as configured" (see :py:func:`monai_wsss.networks.with_precision`).
+        bfloat16: also time ``ours_bfloat16`` (``None``: where the CPU computes bfloat16 natively).
 
     Returns:
         a dict with the CPU, the settings, parameter counts and per batch the median seconds per slice of
-        ``authors``, ``ours`` and ``ours_before`` (contiguous float32, MONAI attention) and the ratios.
+        ``authors``, ``ours``, ``ours_before`` (contiguous float32, MONAI attention) and, with ``bfloat16``,
+        ``ours_bfloat16``, and the ratios.
 
     Raises:
         ValueError: an empty ``batches``, a batch < 1 or ``repeats < 1``; the errors of the loaders and builders.
@@ -205,6 +211,12 @@ def run_authors_benchmark(
     ours = ConditionalDiffusionUNet(**UNET_DEFAULTS).eval()
     ours.load_state_dict(before.state_dict())
     ours = with_precision(ours, "float32", memory_format)
+    bfloat16 = native_bfloat16("cpu") if bfloat16 is None else bool(bfloat16)
+    ours_bf16 = None
+    if bfloat16:
+        ours_bf16 = ConditionalDiffusionUNet(**UNET_DEFAULTS).eval()
+        ours_bf16.load_state_dict(before.state_dict())
+        ours_bf16 = with_precision(ours_bf16, "bfloat16", memory_format)
     sched = DDIMScheduler(num_train_timesteps=our_timesteps, schedule="linear_beta", clip_sample=False)
     cdm = ConditionDifferenceInferer(sched, noise_level=our_noise_level, num_steps=num_steps, tau=tau)
     params = {
@@ -221,6 +233,7 @@ def run_authors_benchmark(
             "ours": {"noise_level": our_noise_level, "timesteps": our_timesteps, "num_steps": num_steps, "tau": tau,
                      "memory_format": memory_format},
         },
+        "bfloat16": bfloat16,
         "batches": {},
     }
     for b in batches:
@@ -229,15 +242,21 @@ def run_authors_benchmark(
         noise = torch.randn(b, 1, size, size, generator=gen)
         with torch.inference_mode():
             map_ours, map_before = cdm(x, ours, noise=noise), cdm(x, before, noise=noise)
-        med = paired_medians(
-            {
-                "authors": lambda x=x, noise=noise: authors_cdm(model, model2, diffusion, x, noise, their_noise_level, num_steps),
-                "ours": lambda x=x, noise=noise: cdm(x, ours, noise=noise),
-                "ours_before": lambda x=x, noise=noise: cdm(x, before, noise=noise),
-            },
-            repeats=repeats,
-        )
+        contenders = {
+            "authors": lambda x=x, noise=noise: authors_cdm(model, model2, diffusion, x, noise, their_noise_level, num_steps),
+            "ours": lambda x=x, noise=noise: cdm(x, ours, noise=noise),
+            "ours_before": lambda x=x, noise=noise: cdm(x, before, noise=noise),
+        }
+        extra = {}
+        if ours_bf16 is not None:
+            contenders["ours_bfloat16"] = lambda x=x, noise=noise: cdm(x, ours_bf16, noise=noise)
+            with torch.inference_mode():
+                extra["map_max_abs_diff_bfloat16_vs_before"] = float((cdm(x, ours_bf16, noise=noise) - map_before).abs().max())
+        med = paired_medians(contenders, repeats=repeats)
+        if ours_bf16 is not None:
+            extra["authors_over_ours_bfloat16"] = med["authors"] / med["ours_bfloat16"]
         result["batches"][str(b)] = {
+            **extra,
             "seconds_per_slice": {k: v / b for k, v in med.items()},
             "authors_over_ours": med["authors"] / med["ours"],
             "authors_over_ours_before": med["authors"] / med["ours_before"],
@@ -268,6 +287,12 @@ def to_markdown(result: dict) -> str:
             f"| {b} | {sps['authors']:.3f} | {sps['ours']:.3f} | {sps['ours_before']:.3f} | {r['authors_over_ours']:.2f} | "
             f"{r['authors_over_ours_before']:.2f} | {r['map_max_abs_diff_ours_vs_before']:.1e} of {r['map_max_abs']:.2f} |"
         )
+    if result.get("bfloat16"):
+        lines += ["", "Ours under bfloat16 autocast (the BraTS bundle's `precision` auto on this CPU):", "",
+                  "| batch | ours bfloat16 s/slice | authors / ours bfloat16 | map diff (bfloat16 vs before) |", "|---|---|---|---|"]
+        for b, r in result["batches"].items():
+            lines.append(f"| {b} | {r['seconds_per_slice']['ours_bfloat16']:.3f} | {r['authors_over_ours_bfloat16']:.2f} | "
+                         f"{r['map_max_abs_diff_bfloat16_vs_before']:.1e} of {r['map_max_abs']:.2f} |")
     return "\n".join(lines)
 
 
