@@ -121,9 +121,10 @@ def test_table_command_uses_the_bundles_inference_defaults(tmp_path):
     settings = bundle_method_settings(bundle)
     cdm = json.loads((bundle / "configs" / "inference_cdm.json").read_text())
     cg_cdm = json.loads((bundle / "configs" / "inference_cg_cdm.json").read_text())
-    assert len(settings) == len(METHOD_SETTINGS) == 8
+    assert len(settings) == len(METHOD_SETTINGS) == 10
     assert (settings["noise_level"], settings["tau"], settings["num_steps"]) == (cdm["noise_level"], cdm["tau"], cdm["num_steps"])
     assert (settings["guidance_scale"], settings["guided_num_steps"]) == (cg_cdm["guidance_scale"], cg_cdm["num_steps"])
+    assert (settings["guided_noise_level"], settings["guided_tau"]) == (cg_cdm["noise_level"], cg_cdm["tau"])
     data = tmp_path / "data"
     make_synthetic_dataset(data, num_cases=5, shape=(64, 64, 12), seed=1)
     args = ["--bundle_root", str(bundle), "--dataset_dir", str(data), "--methods", "threshold", "cdm",
@@ -132,6 +133,12 @@ def test_table_command_uses_the_bundles_inference_defaults(tmp_path):
     cdm = {r["method"]: r for r in rows}["cdm"]
     # the bundle's Q and tau, the command line's R
     assert cdm["setting"] == f"Q={settings['noise_level']}, R=2, tau={settings['tau']}"
+    # CG-CDM keeps its own Q and tau (the bundle's inference_cg_cdm.json), not CDM's
+    from monai.networks.schedulers import DDIMScheduler
+
+    specs = build_methods(["cdm", "cg_cdm"], DDIMScheduler(num_train_timesteps=100), tiny_classifier(), tiny_unet(), noise_level=30, num_steps=3, tau=0.9,
+                          guided_noise_level=20, guided_tau=0.8, guided_num_steps=4)
+    assert [(s.inferer.noise_level, s.inferer.tau, s.inferer.num_steps) for s in specs] == [(30, 0.9, 3), (20, 0.8, 4)]
     assert (tmp_path / "out" / "table.md").is_file()
     with pytest.raises(FileNotFoundError, match="inference_"):
         bundle_method_settings(tmp_path)

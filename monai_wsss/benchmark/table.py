@@ -54,7 +54,8 @@ __all__ = [
     "main",
 ]
 
-METHOD_SETTINGS = ("noise_level", "num_steps", "tau", "guidance_scale", "guided_num_steps", "cgdiff_level", "cgdiff_guidance", "cfg_scale")
+METHOD_SETTINGS = ("noise_level", "num_steps", "tau", "guidance_scale", "guided_noise_level", "guided_num_steps", "guided_tau",
+                   "cgdiff_level", "cgdiff_guidance", "cfg_scale")
 #: the table's rows: two slice-level intensity baselines (per-slice Otsu, and the fixed threshold), the CAM baselines
 #: of :py:data:`~monai_wsss.inferers.CAM_METHODS` and the bundles' diffusion methods
 #: (:py:data:`~monai_wsss.apps.NETWORK_METHODS`, built by :py:func:`~monai_wsss.apps.build_method_inferer`)
@@ -175,9 +176,12 @@ def build_methods(
     cfg_scale: float = 3.0,
     threshold: float = 0.7,
     task: str = "brats",
+    guided_noise_level: int | None = None,
+    guided_tau: float | None = None,
 ) -> list[MethodSpec]:
     """
-    The table's methods by name (see ``ALL_METHODS``).
+    The table's methods by name (see ``ALL_METHODS``). CG-CDM takes ``guided_noise_level`` / ``guided_num_steps`` /
+    ``guided_tau`` where given (a bundle's ``inference_cg_cdm.json`` has its own), CDM's otherwise.
 
     Raises:
         ValueError: an unknown name, a classifier-based method without a classifier, ``cfg`` without a null class.
@@ -203,13 +207,15 @@ def build_methods(
         elif name in CAM_METHODS:
             specs.append(MethodSpec(name, ClassActivationMapInferer(method=name, target_class=1, timestep=0), setting="classifier at t=0"))
         else:  # the diffusion methods exactly as a bundle's inference.json builds them
+            q = guided_noise_level if name == "cg_cdm" and guided_noise_level is not None else noise_level
+            t = guided_tau if name == "cg_cdm" and guided_tau is not None else tau
             inf = build_method_inferer(
-                name, scheduler, net, classifier, noise_level=noise_level, num_steps=num_steps, tau=tau,
+                name, scheduler, net, classifier, noise_level=q, num_steps=num_steps, tau=t,
                 guidance_scale=guidance_scale, guided_num_steps=guided_num_steps, cgdiff_level=cgdiff_level,
                 cgdiff_guidance=cgdiff_guidance, cfg_scale=cfg_scale,
             )
             if name in ("cdm", "cg_cdm"):  # R as the inferer got it (CG-CDM may have its own)
-                setting = f"Q={noise_level}, R={inf.num_steps}, tau={tau}" + (f", s={guidance_scale}" if name == "cg_cdm" else "")
+                setting = f"Q={q}, R={inf.num_steps}, tau={t}" + (f", s={guidance_scale}" if name == "cg_cdm" else "")
             else:
                 setting = f"L={cgdiff_level}, " + (f"s={cgdiff_guidance}" if name == "cg_diff" else f"w={cfg_scale}")
             specs.append(MethodSpec(name, inf, default_map_mode(name, task), name in ("cdm", "cg_cdm"), setting=setting))
@@ -362,6 +368,8 @@ def run_table(args: argparse.Namespace) -> tuple[list[dict], str]:
         cgdiff_guidance=args.cgdiff_guidance,
         cfg_scale=args.cfg_scale,
         task=args.task,
+        guided_noise_level=args.guided_noise_level,
+        guided_tau=args.guided_tau,
     )
     rows = []
     for spec in specs:
@@ -397,7 +405,9 @@ def parser() -> argparse.ArgumentParser:
     # method settings: default to the bundle's own inference defaults (configs/inference.json)
     p.add_argument("--noise_level", type=int, default=None, help="CDM / CG-CDM Q (default: the bundle's)")
     p.add_argument("--num_steps", type=int, default=None, help="CDM R (default: the bundle's)")
+    p.add_argument("--guided_noise_level", type=int, default=None, help="CG-CDM Q (default: the bundle's)")
     p.add_argument("--guided_num_steps", type=int, default=None, help="CG-CDM R (default: the bundle's)")
+    p.add_argument("--guided_tau", type=float, default=None, help="CG-CDM tau (default: the bundle's)")
     p.add_argument("--tau", type=float, default=None, help="CDM / CG-CDM tau (default: the bundle's)")
     p.add_argument("--guidance_scale", type=float, default=None, help="CG-CDM s (default: the bundle's)")
     p.add_argument("--cgdiff_level", type=int, default=None, help="CG-Diff / cfg L (default: the bundle's)")
@@ -427,6 +437,7 @@ def bundle_method_settings(bundle_root: str | Path) -> dict:
     sources = {  # this table's name: (method config, key in it)
         "noise_level": ("cdm", "noise_level"), "num_steps": ("cdm", "num_steps"), "tau": ("cdm", "tau"),
         "guidance_scale": ("cg_cdm", "guidance_scale"), "guided_num_steps": ("cg_cdm", "num_steps"),
+        "guided_noise_level": ("cg_cdm", "noise_level"), "guided_tau": ("cg_cdm", "tau"),
         "cgdiff_level": ("cg_diff", "noise_level"), "cgdiff_guidance": ("cg_diff", "guidance_scale"),
         "cfg_scale": ("cfg", "cfg_scale"),
     }
