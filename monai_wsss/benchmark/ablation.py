@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +33,7 @@ from monai.networks.schedulers import DDIMScheduler
 
 from monai_wsss.apps.methods import default_map_mode
 from monai_wsss.apps.reports import write_csv
-from monai_wsss.benchmark.table import MethodSpec, evaluate_method, load_bundle_networks, load_eval_slices
+from monai_wsss.benchmark.table import MethodSpec, evaluate_method, load_bundle_networks, load_eval_slices, method_maps
 from monai_wsss.bundle import load_slice_labels, prepare_splits, select_slices
 from monai_wsss.data import TASKS, build_slice_dataset
 from monai_wsss.inferers import ConditionDifferenceInferer, NoiseEnsembleInferer
@@ -145,20 +144,13 @@ def evaluate_slice_auroc(
     Returns:
         a row: ``slice_auroc``, ``slice_auroc_std``, ``slice_auprc``, ``repeats``, ``slices``, ``sec_per_slice``.
     """
-    device = next(net.parameters()).device
     score = MapSliceScore(mode=spec.map_mode)
     runs, seconds = [], 0.0
     for rep in range(repeats if spec.stochastic else 1):
         scores = []
-        for start in range(0, images.shape[0], batch_size):
-            x = images[start : start + batch_size].to(device)
-            kwargs = {"classifier": classifier} if classifier is not None else {}
-            if spec.stochastic:
-                kwargs["generator"] = torch.Generator(device=device).manual_seed(seed + 1000 * rep + start)
-            tic = time.perf_counter()
-            maps = spec.inferer(x, net, **kwargs).float().cpu()
-            seconds += time.perf_counter() - tic
-            body = (x.cpu() > MODEL_INTENSITY_RANGE[0] + 1e-6).float()
+        for _, x, maps, sec in method_maps(spec, net, classifier, images, rep, batch_size, seed):
+            seconds += sec
+            body = (x > MODEL_INTENSITY_RANGE[0] + 1e-6).float()
             scores += [score(m, body_mask=b) for m, b in zip(maps, body)]
         runs.append(compute_auroc_auprc(torch.cat(scores), slice_labels))
     aurocs = np.array([r["auroc"] for r in runs])

@@ -23,7 +23,7 @@ import argparse
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,6 +49,7 @@ __all__ = [
     "load_eval_slices",
     "bundle_method_settings",
     "evaluate_method",
+    "method_maps",
     "run_table",
     "write_table",
     "main",
@@ -231,6 +232,34 @@ def maps_to_masks(maps: torch.Tensor, images: torch.Tensor, spec: MethodSpec) ->
     return torch.stack([torch.as_tensor(otsu(norm(m, body_mask=b), body_mask=b)) for m, b in zip(maps, body)]).float()
 
 
+def method_maps(
+    spec: MethodSpec,
+    net: torch.nn.Module,
+    classifier: torch.nn.Module | None,
+    images: torch.Tensor,
+    rep: int = 0,
+    batch_size: int = 16,
+    seed: int = 0,
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, float]]:
+    """
+    One method's maps of ``images`` in batches, the noise of a stochastic method seeded per repeat ``rep`` and
+    batch, so that every scoring of the same slices sees the same noise.
+
+    Yields:
+        ``(start, x, maps, seconds)``: the batch's first index, its images and float32 maps on the CPU, and the
+        seconds the inferer took.
+    """
+    device = next(net.parameters()).device
+    for start in range(0, images.shape[0], batch_size):
+        x = images[start : start + batch_size].to(device)
+        kwargs = {"classifier": classifier} if classifier is not None else {}
+        if spec.stochastic:
+            kwargs["generator"] = torch.Generator(device=device).manual_seed(seed + 1000 * rep + start)
+        tic = time.perf_counter()
+        maps = spec.inferer(x, net, **kwargs).float().cpu()
+        yield start, x.cpu(), maps, time.perf_counter() - tic
+
+
 def evaluate_method(
     spec: MethodSpec,
     net: torch.nn.Module,
@@ -249,24 +278,16 @@ def evaluate_method(
         a table row: Dice / IoU / HD95 mean and std over repeats, missing HD95 count, pixel AUROC / AUPRC and
         seconds per slice.
     """
-    device = next(net.parameters()).device
     runs = []
     seconds = 0.0
     for rep in range(repeats if spec.stochastic else 1):
         scores, auc = SegmentationScores(level="slice"), PixelAUCMetric()
-        for start in range(0, images.shape[0], batch_size):
-            x = images[start : start + batch_size].to(device)
+        for start, x, maps, sec in method_maps(spec, net, classifier, images, rep, batch_size, seed):
+            seconds += sec
             y = segs[start : start + batch_size]
-            kwargs = {"classifier": classifier} if classifier is not None else {}
-            if spec.stochastic:
-                kwargs["generator"] = torch.Generator(device=device).manual_seed(seed + 1000 * rep + start)
-            tic = time.perf_counter()
-            maps = spec.inferer(x, net, **kwargs).float().cpu()
-            seconds += time.perf_counter() - tic
-            masks = maps_to_masks(maps, x.cpu(), spec)
-            scores(masks, y)
+            scores(maps_to_masks(maps, x, spec), y)
             # pixel scores read like the masks are (e.g. |a| for an "abs" map), on the raw scale
-            auc(oriented_map(maps, spec.map_mode), y, body_mask=(x.cpu() > MODEL_INTENSITY_RANGE[0] + 1e-6).float())
+            auc(oriented_map(maps, spec.map_mode), y, body_mask=(x > MODEL_INTENSITY_RANGE[0] + 1e-6).float())
         runs.append({**scores.aggregate(), **auc.aggregate()})
     n_runs = len(runs)
 
