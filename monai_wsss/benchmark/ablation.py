@@ -10,7 +10,8 @@ Runs on the validation split by default: this is the sweep that chooses the infe
 see the test cases, and it scores each setting by image-level labels alone (``--criterion slice_auroc``, the
 criterion the diffusion training selects its checkpoint by): slice-level AUROC of the map's score
 (:py:class:`~monai_wsss.transforms.MapSliceScore`) against the slices' labels (``--labels``, the labels file of
-training) on a seeded set of validation slices balanced between the two labels. ``--criterion pixel_dice`` (Dice
+training) on a seeded set of validation slices balanced between the two labels (``--max_slices 0``: every
+slice). ``--criterion pixel_dice`` (Dice
 against pixel masks on positive slices, the paper's Fig. 3) reports on the test split only: pixel masks never
 choose a setting. ``--joint`` evaluates every combination of the grid instead of one parameter at a time.
 Writes ``ablation.csv`` (one row per setting), ``ablation.md`` and, one parameter at a time, ``ablation.png``
@@ -91,7 +92,7 @@ def load_labelled_slices(
 ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """
     Slices of one split with their image-level labels, balanced between the labels (at most ``max_slices // 2``
-    of each), as the diffusion training's validation draws them (``train_diffusion.json``: ``split="eval"``, no
+    of each; ``max_slices`` 0 or ``None``: every slice), as the diffusion training's validation draws them (``train_diffusion.json``: ``split="eval"``, no
     minimum-target rule, :py:func:`~monai_wsss.bundle.select_slices` with ``balanced=True``). The labels come from
     ``labels`` (a labels CSV), or, without one, from the masks by the task's rule, the rule that writes such a file.
 
