@@ -144,10 +144,12 @@ def to_memory_format(network: nn.Module | None, memory_format: str = "auto") -> 
 
 class AutocastNetwork(nn.Module):
     """
-    A trained 2D network run under ``torch.autocast`` (bfloat16 by default) with channels-last memory, returning
+    A 2D network run under ``torch.autocast`` (bfloat16 by default) with channels-last memory, returning
     float32, so that everything around it (the DDIM update in ``monai_wsss.inferers._ddim``, map accumulation,
-    thresholds) stays in float32. Only the network's convolutions, matmuls and attention run in reduced precision.
-    Gradients with respect to the input (classifier guidance) flow through it.
+    thresholds, a training loss) stays in float32. Only the network's convolutions, matmuls and attention run in
+    reduced precision. Gradients flow through it, to the input (classifier guidance) and to the wrapped network's
+    own float32 parameters (the training configs' ``precision``: an optimiser over ``network.parameters()`` trains
+    the wrapped network).
 
     On this project's 2-core CPU (AVX512-BF16) it made the BraTS CDM and CG-CDM maps 1.8-1.9x faster with the
     same validation Dice to 0.001 (commands and numbers: the README's whole-volume speed section).
@@ -200,7 +202,8 @@ def with_precision(
     why; ``"bfloat16"`` on a device without native bfloat16 warns that it will be slow.
 
     Args:
-        network: a network in eval mode, or ``None`` (returned as is).
+        network: a network (in eval mode for inference, in train mode for the training configs), or ``None``
+            (returned as is).
         precision: one of :py:data:`PRECISIONS`.
         memory_format: one of :py:data:`MEMORY_FORMATS`; ``"contiguous"`` turns channels-last off (float32 then
             runs exactly as the plain network; bfloat16 autocast keeps its own channels-last unless this is
