@@ -48,6 +48,7 @@ __all__ = [
     "QUICK_SETTINGS",
     "RESULT_COLUMNS",
     "README_MARKERS",
+    "README_ROW_TOLERANCES",
     "README_TOLERANCE",
     "compare_tables",
     "compare_with_readme",
@@ -78,6 +79,13 @@ README_MARKERS = ("<!-- demo-table: start -->", "<!-- demo-table: end -->")
 #: previous table moved by at most 0.026 between an AMX and an AVX2 run (with config changes in between). Counts
 #: (cases, positive slices) and n/a cells must match exactly; the intensity rows do not depend on the CPU.
 README_TOLERANCE = 0.03
+#: rows whose scores vary more than :py:data:`README_TOLERANCE` between CPU kinds, with their own largest difference.
+#: The segmenter's 30 epochs on 12 synthetic volumes, scored on the 2 test volumes that hold lesions, end in visibly
+#: different networks when only the float rounding changes: four runs on one AVX2 CPU that differed only in the
+#: kernels torch and oneDNN used (``ATEN_CPU_CAPABILITY`` / ``ONEDNN_MAX_CPU_ISA``) gave slice Dice 0.367-0.487 and
+#: volume Dice 0.554-0.663, and an AVX512-BF16 CPU 0.345 / 0.525 against the README's 0.444 / 0.617 (``docs/demo.md``).
+#: A cosine learning-rate decay did not narrow it (0.418-0.528), so the check states the spread instead of hiding it.
+README_ROW_TOLERANCES: dict[str, float] = {"segmenter": 0.12}
 
 logger = logging.getLogger("monai_wsss.demo")
 
@@ -285,26 +293,36 @@ def _table_rows(table: str, where: str) -> dict[str, list[str]]:
     return rows
 
 
-def compare_tables(ours: str, theirs: str, tolerance: float = README_TOLERANCE) -> list[str]:
-    """
-    The rows where two demo tables (:py:func:`result_table` layout) differ beyond ``tolerance``.
+def _row_tolerances_text() -> str:
+    return ", ".join(f"{name} row {value:g}" for name, value in README_ROW_TOLERANCES.items())
 
-    Scores (slice Dice, slice IoU, volume Dice, pixel AUROC) agree when their absolute difference is at most
-    ``tolerance`` (compared as printed, to three decimals); counts (cases, positive slices) and ``n/a`` cells must
+
+def compare_tables(
+    ours: str, theirs: str, tolerance: float | None = None, row_tolerances: Mapping[str, float] | None = None
+) -> list[str]:
+    """
+    The rows where two demo tables (:py:func:`result_table` layout) differ beyond their tolerance.
+
+    Scores (slice Dice, slice IoU, volume Dice, pixel AUROC) agree when their absolute difference is at most the
+    row's tolerance (compared as printed, to three decimals); counts (cases, positive slices) and ``n/a`` cells must
     be equal; both tables must list the same methods in the same order.
 
     Args:
         ours: the table of a demo run.
         theirs: the reference table (the README's).
-        tolerance: largest absolute difference of a score that still agrees (>= 0; 0: exact to three decimals).
+        tolerance: largest absolute difference of a score that still agrees, the same for every row (>= 0; 0: exact
+            to three decimals). None (default): :py:data:`README_TOLERANCE`, and ``row_tolerances`` for the rows
+            it names.
+        row_tolerances: method -> its own tolerance, used only when ``tolerance`` is None (default:
+            :py:data:`README_ROW_TOLERANCES`).
 
     Returns:
         human-readable differences: ``"README: <row>"`` / ``"demo:   <row>"`` pairs, each pair followed by the
         columns that differ (empty: the tables agree).
 
     Raises:
-        ValueError: a negative or non-finite ``tolerance``; a row with the wrong number of cells or a score cell
-            that is neither a number nor ``n/a``.
+        ValueError: a negative or non-finite tolerance (naming it); a row with the wrong number of cells or a
+            score cell that is neither a number nor ``n/a``.
 
     Example::
 
@@ -312,8 +330,13 @@ def compare_tables(ours: str, theirs: str, tolerance: float = README_TOLERANCE) 
         >>> compare_tables(row, row.replace("0.400", "0.420"))  # within 0.03
         []
     """
-    if not (isinstance(tolerance, (int, float)) and math.isfinite(tolerance) and tolerance >= 0):
-        raise ValueError(f"tolerance must be a finite number >= 0, got {tolerance!r}.")
+    if tolerance is None:
+        default, per_row = README_TOLERANCE, dict(README_ROW_TOLERANCES if row_tolerances is None else row_tolerances)
+    else:
+        default, per_row = tolerance, {}
+    for label, value in [("tolerance", default)] + [(f"row_tolerances[{k!r}]", v) for k, v in per_row.items()]:
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            raise ValueError(f"{label} must be a finite number >= 0, got {value!r}.")
     mine, ref = _table_rows(ours, "demo table"), _table_rows(theirs, "README table")
     diffs: list[str] = []
 
@@ -325,6 +348,7 @@ def compare_tables(ours: str, theirs: str, tolerance: float = README_TOLERANCE) 
     for name in list(ref) + [m for m in mine if m not in ref]:
         a, b = ref.get(name), mine.get(name)
         bad: list[str] = []
+        row_tolerance = per_row.get(name, default)
         if a is not None and b is not None:
             for (key, header), x, y in zip(RESULT_COLUMNS, a, b):
                 if key.startswith("num_") or "n/a" in (x, y):
@@ -335,8 +359,8 @@ def compare_tables(ours: str, theirs: str, tolerance: float = README_TOLERANCE) 
                     delta = abs(float(x) - float(y))
                 except ValueError:
                     raise ValueError(f"row {name!r}, column {header!r}: {x!r} / {y!r} is not a number or n/a.") from None
-                if delta > tolerance + 1e-9:  # printed to three decimals: 1e-9 absorbs the float parsing
-                    bad.append(f"{header} {x} vs {y} (|difference| {delta:.3f} > {tolerance:g})")
+                if delta > row_tolerance + 1e-9:  # printed to three decimals: 1e-9 absorbs the float parsing
+                    bad.append(f"{header} {x} vs {y} (|difference| {delta:.3f} > {row_tolerance:g})")
         if a is None or b is None or bad:
             diffs += [f"README: {line(a, name)}", f"demo:   {line(b, name)}"]
             if bad:
@@ -345,16 +369,17 @@ def compare_tables(ours: str, theirs: str, tolerance: float = README_TOLERANCE) 
 
 
 def compare_with_readme(
-    summaries: Mapping[str, Mapping[str, Any]], readme: str | os.PathLike, tolerance: float = README_TOLERANCE
+    summaries: Mapping[str, Mapping[str, Any]], readme: str | os.PathLike, tolerance: float | None = None
 ) -> list[str]:
     """
-    The rows where a demo's table differs from the README's beyond ``tolerance`` (see :py:func:`compare_tables`).
+    The rows where a demo's table differs from the README's beyond their tolerance (see :py:func:`compare_tables`).
 
     Args:
         summaries: method name -> summary (a demo's ``summary.json`` ``"summaries"``).
         readme: the README holding the demo table.
-        tolerance: largest absolute difference of a score that still agrees (default :py:data:`README_TOLERANCE`;
-            0: exact to the third decimal, e.g. for the recorded run the README was written from).
+        tolerance: largest absolute difference of a score that still agrees, for every row (0: exact to the third
+            decimal, e.g. for the recorded run the README was written from). None (default):
+            :py:data:`README_TOLERANCE`, and :py:data:`README_ROW_TOLERANCES` for the rows it names.
 
     Returns:
         human-readable differences (empty: they agree).
@@ -718,18 +743,20 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument(
         "--check_readme", metavar="SUMMARY_JSON", default=None,
         help="only compare a finished demo's summary.json with the README's demo table and exit 1 if they differ: "
-        f"scores (Dice, IoU, AUROC) may differ by up to --tolerance (default {README_TOLERANCE}, absolute), since "
-        "seeded training differs in the third decimal between CPU kinds (AVX2 vs AVX-512); counts must be equal",
+        f"scores (Dice, IoU, AUROC) may differ by up to {README_TOLERANCE} absolute ({_row_tolerances_text()}), "
+        "since seeded training differs between CPU kinds (AVX2 vs AVX-512); counts must be equal",
     )
     parser.add_argument(
-        "--tolerance", type=float, default=README_TOLERANCE,
-        help=f"largest absolute score difference accepted by the README check (default {README_TOLERANCE}; 0: exact)",
+        "--tolerance", type=float, default=None,
+        help=f"one largest absolute score difference for every row of the README check (default {README_TOLERANCE}, "
+        f"{_row_tolerances_text()}; 0: exact)",
     )
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
-    if not (math.isfinite(args.tolerance) and args.tolerance >= 0):
+    if args.tolerance is not None and not (math.isfinite(args.tolerance) and args.tolerance >= 0):
         parser.error(f"--tolerance must be a finite number >= 0, got {args.tolerance}")
+    within = f"{README_TOLERANCE:g}, {_row_tolerances_text()}" if args.tolerance is None else f"{args.tolerance:g}"
     readme = Path(__file__).resolve().parents[1] / "README.md"
     if args.check_readme:
         summary_file = Path(args.check_readme)
@@ -742,7 +769,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         diffs = compare_with_readme(summaries, readme, args.tolerance)
         print(
             "\n".join(diffs) if diffs
-            else f"{summary_file} matches the demo table of {readme} (scores within {args.tolerance:g}, counts equal)"
+            else f"{summary_file} matches the demo table of {readme} (scores within {within}, counts equal)"
         )
         if diffs:
             print(f"\nthe table of {summary_file}, for the README:\n{result_table(summaries)}")
@@ -769,9 +796,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
             print(f"README check skipped: {err}")
             return result
         if not diffs:
-            print(f"The table matches the README's demo table (scores within {args.tolerance:g}, counts equal).")
+            print(f"The table matches the README's demo table (scores within {within}, counts equal).")
         else:
-            print(f"The table differs from the README's beyond {args.tolerance:g} ({torch.get_num_threads()} thread(s) "
+            print(f"The table differs from the README's beyond {within} ({torch.get_num_threads()} thread(s) "
                   "here; the README's was measured with one):\n" + "\n".join(diffs))
         result["readme_differences"] = diffs
     return result
