@@ -16,7 +16,12 @@ labelled 1 use all of them, as training does. Holes are not filled here.
 the masks.
 With ``--healthy_percentiles`` every threshold is also scored restricted to voxels brighter than that percentile of
 the volume's healthy slices (``PseudoMaskGenerator(healthy_percentile=...)``).
-With ``--diffusion_bundle`` the bundle's CG-CDM (its inference defaults, per-slice Otsu) is scored as a source too.
+With ``--diffusion_bundle`` the bundle's CG-CDM (its inference defaults, per-slice Otsu) is scored as a source too,
+and every intensity rule is also scored fused with that evidence (``--fusion``, :py:func:`fuse_with_evidence`):
+``and``, the rule kept only where the diffusion mask agrees (the map deciding inside the bright region); ``or``, the
+rule plus the diffusion mask where the voxel is at least brighter than ``--fusion_relaxed_percentile`` of the
+volume's healthy slices (the map adding faint target the rule misses). Both criteria score them; ``--criterion
+labels`` also lists the estimate per volume.
 This chooses ``pseudo_threshold`` and ``pseudo_healthy_percentile`` of ``train.json``.
 
     python scripts/pseudo_mask_quality.py --task brats --datalist <run>/outputs/train/datalist.json \
@@ -44,6 +49,53 @@ from monai_wsss.data import TASKS, SliceLabels
 from monai_wsss.metrics import binary_dice
 from monai_wsss.transforms.slicing import slice_foreground_fraction
 
+FUSIONS = ("and", "or")
+
+
+def fuse_with_evidence(rule: torch.Tensor, evidence: torch.Tensor, relaxed: torch.Tensor, kind: str) -> torch.Tensor:
+    """
+    An intensity rule's mask fused with a diffusion method's mask (bool tensors of one shape).
+
+    Args:
+        rule: the intensity rule's mask.
+        evidence: the diffusion method's mask (e.g. CG-CDM's map above its per-slice Otsu threshold).
+        relaxed: where a voxel is bright enough to be target at all (e.g. above a low percentile of the healthy
+            slices); only used by ``"or"``.
+        kind: ``"and"``, the rule where the evidence agrees; ``"or"``, the rule plus the evidence inside ``relaxed``.
+
+    Returns:
+        the fused bool mask.
+
+    Raises:
+        ValueError: ``kind`` not in :py:data:`FUSIONS`; masks of different shapes.
+
+    Example::
+
+        >>> r, e = torch.tensor([1, 1, 0, 0]).bool(), torch.tensor([1, 0, 1, 1]).bool()
+        >>> x = torch.tensor([1, 1, 1, 0]).bool()
+        >>> fuse_with_evidence(r, e, x, "and").tolist(), fuse_with_evidence(r, e, x, "or").tolist()
+        ([True, False, False, False], [True, True, True, False])
+    """
+    if kind not in FUSIONS:
+        raise ValueError(f"fusion kind must be one of {FUSIONS}, got {kind!r}.")
+    if not rule.shape == evidence.shape == relaxed.shape:
+        raise ValueError(f"masks of different shapes: rule {tuple(rule.shape)}, evidence {tuple(evidence.shape)}, "
+                         f"relaxed {tuple(relaxed.shape)}.")
+    rule, evidence = rule.bool(), evidence.bool()
+    return rule & evidence if kind == "and" else rule | (evidence & relaxed.bool())
+
+
+def _diffusion_source(bundle: str, task: str) -> VolumeSegmentationPipeline:
+    """The bundle's CG-CDM at its inference defaults with a per-slice Otsu threshold, float32 on the CPU."""
+    cfg = ConfigParser()
+    cfg.read_config([f"{bundle}/configs/{n}" for n in ("inference.json", "inference_cg_cdm.json")])
+    net = load_weights(cfg.get_parsed_content("diffusion_def"), f"{bundle}/models/diffusion.pt", "cpu")
+    clf = load_weights(cfg.get_parsed_content("classifier_def"), f"{bundle}/models/classifier.pt", "cpu")
+    inferer = build_method_inferer("cg_cdm", cfg.get_parsed_content("scheduler"), net, clf,
+                                   noise_level=cfg.get("noise_level"), tau=cfg.get("tau"),
+                                   guidance_scale=cfg.get("guidance_scale"), num_steps=cfg.get("num_steps"))
+    return VolumeSegmentationPipeline(net, inferer, task=task, roi_size=tuple(cfg.get("spatial_size")),
+                                      map_mode=default_map_mode("cg_cdm", task), threshold="otsu", sw_batch_size=8)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -54,11 +106,19 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--factors", type=float, nargs="+", default=[0.5, 0.6, 0.7, 0.8, 0.9])
     p.add_argument("--healthy_percentiles", type=float, nargs="*", default=[],
                    help="also score each factor restricted by these healthy-slice percentiles")
-    p.add_argument("--diffusion_bundle", default=None, help="also score this bundle's cg_cdm as a source")
+    p.add_argument("--diffusion_bundle", default=None,
+                   help="also score this bundle's cg_cdm as a source, and every rule fused with it (--fusion)")
+    p.add_argument("--fusion", nargs="*", choices=FUSIONS, default=list(FUSIONS),
+                   help="fusions of each rule with the diffusion mask scored with --diffusion_bundle (none: no fusion)")
+    p.add_argument("--fusion_relaxed_percentile", type=float, default=90.0,
+                   help="'or' fusion: the diffusion mask adds voxels brighter than this percentile of the healthy "
+                   "slices")
     p.add_argument("--criterion", choices=("labels", "pixel_masks"), default="labels")
     p.add_argument("--labels", help="labels CSV (case,slice,label); --criterion labels")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
+    if not 0 < args.fusion_relaxed_percentile < 100:
+        p.error(f"--fusion_relaxed_percentile must lie in (0, 100), got {args.fusion_relaxed_percentile}")
     if args.criterion == "labels":
         if not args.labels:
             p.error("--criterion labels needs --labels (or use --criterion pixel_masks)")
@@ -73,33 +133,64 @@ def main(argv: list[str] | None = None) -> dict:
                                               map_mode=None, threshold=factor)
         for healthy in [None, *args.healthy_percentiles]:
             sources[(factor, healthy)] = (pipeline, healthy)
+    fusions = args.fusion if args.diffusion_bundle else []
+    evidence: dict = {}  # case -> (diffusion pseudo-mask, its slice labels), computed once per volume
     if args.diffusion_bundle:
-        cfg = ConfigParser()
-        cfg.read_config([f"{args.diffusion_bundle}/configs/{n}" for n in ("inference.json", "inference_cg_cdm.json")])
-        net = load_weights(cfg.get_parsed_content("diffusion_def"), f"{args.diffusion_bundle}/models/diffusion.pt", "cpu")
-        clf = load_weights(cfg.get_parsed_content("classifier_def"), f"{args.diffusion_bundle}/models/classifier.pt", "cpu")
-        inferer = build_method_inferer("cg_cdm", cfg.get_parsed_content("scheduler"), net, clf,
-                                       noise_level=cfg.get("noise_level"), tau=cfg.get("tau"),
-                                       guidance_scale=cfg.get("guidance_scale"), num_steps=cfg.get("num_steps"))
-        sources[("cg_cdm", None)] = (VolumeSegmentationPipeline(net, inferer, task=args.task, roi_size=tuple(cfg.get("spatial_size")),
-                                                       map_mode=default_map_mode("cg_cdm", args.task), threshold="otsu",
-                                                       sw_batch_size=8), None)
+        diffusion = PseudoMaskGenerator(_diffusion_source(args.diffusion_bundle, args.task), fill_holes=True,
+                                        source_name="cg_cdm")
+        vol, per_slice = [], []
+        for item in items:
+            data = diffusion(item)
+            mask, seg = np.asarray(data["pseudo"])[0] > 0, np.asarray(data["seg"])[0] > 0
+            evidence[str(data["case"])] = mask
+            vol.append(binary_dice(mask, seg))
+            ms, ss = np.moveaxis(mask, diffusion.preset.slice_axis, 0), np.moveaxis(seg, diffusion.preset.slice_axis, 0)
+            per_slice += [binary_dice(ms[k], ss[k]) for k in np.flatnonzero((data["slice_label"] == 1).numpy())]
+        print(f"| cg_cdm | {float(np.nanmean(vol)):.3f} | {float(np.nanmean(per_slice)):.3f} |", flush=True)
     out = {}
     for name, (source, healthy) in sources.items():
         gen = PseudoMaskGenerator(source, fill_holes=True, source_name=f"{name[0]}", healthy_percentile=healthy)
-        vol, per_slice = [], []
+        kinds = [None, *fusions]
+        vol: dict = {k: [] for k in kinds}
+        per_slice: dict = {k: [] for k in kinds}
         for item in items:
             data = gen(item)
             pseudo, seg = np.asarray(data["pseudo"])[0] > 0, np.asarray(data["seg"])[0] > 0
-            vol.append(binary_dice(pseudo, seg))
             positive = (data["slice_label"] == 1).numpy()
             axis = gen.preset.slice_axis
-            ps, ss = np.moveaxis(pseudo, axis, 0), np.moveaxis(seg, axis, 0)
-            per_slice += [binary_dice(ps[k], ss[k]) for k in np.flatnonzero(positive)]
-        out[name] = (float(np.nanmean(vol)), float(np.nanmean(per_slice)))
-        label = name[0] if healthy is None else f"{name[0]}, healthy {healthy}"
-        print(f"| {label} | {out[name][0]:.3f} | {out[name][1]:.3f} |", flush=True)
+            for kind in kinds:
+                mask = pseudo
+                if kind is not None:
+                    image = torch.as_tensor(data["image"])
+                    relaxed = _relaxed(gen, image, data["slice_label"], args.fusion_relaxed_percentile,
+                                       str(data["case"]))
+                    mask = fuse_with_evidence(torch.as_tensor(pseudo), torch.as_tensor(evidence[str(data["case"])]),
+                                              relaxed[0], kind).numpy()
+                vol[kind].append(binary_dice(mask, seg))
+                ps, ss = np.moveaxis(mask, axis, 0), np.moveaxis(seg, axis, 0)
+                per_slice[kind] += [binary_dice(ps[k], ss[k]) for k in np.flatnonzero(positive)]
+        for kind in kinds:
+            key = (*name, kind)
+            out[key] = (float(np.nanmean(vol[kind])), float(np.nanmean(per_slice[kind])))
+            print(f"| {_rule_name(key)} | {out[key][0]:.3f} | {out[key][1]:.3f} |", flush=True)
     return out
+
+
+def _rule_name(key: tuple) -> str:
+    factor, healthy, fusion = key
+    name = f"{factor}" if healthy is None else f"{factor}, healthy {healthy}"
+    return name if fusion is None else f"{name}, {fusion} CG-CDM"
+
+
+def _relaxed(gen: PseudoMaskGenerator, image: torch.Tensor, values: torch.Tensor, percentile: float, case: str,
+             healthy: torch.Tensor | None = None) -> torch.Tensor:
+    """Voxels brighter than ``percentile`` of the healthy slices (``healthy``: those slices; default: label 0)."""
+    saved, gen.healthy_percentile = gen.healthy_percentile, percentile
+    try:
+        reference = gen.healthy_reference(image, values == 0 if healthy is None else healthy, case)
+    finally:
+        gen.healthy_percentile = saved
+    return image > reference
 
 
 def _label_criterion(args) -> dict:
@@ -107,77 +198,99 @@ def _label_criterion(args) -> dict:
     labels = SliceLabels.from_csv(args.labels)
     items = [{k: v for k, v in it.items() if k != "seg"}
              for it in list_volumes(args.datalist, task=args.task, split=args.split)]
-    stats: dict = {}  # (factor, healthy) -> per volume (marked on positives, FP estimate, slice counts)
+    fusions = args.fusion if args.diffusion_bundle else []
+    evidence: dict = {}  # case -> the diffusion mask (n_slices, ...), computed once per volume
+    if fusions:
+        diffusion = _diffusion_source(args.diffusion_bundle, args.task)
+        for item in items:
+            data = diffusion.segment(item, source_space=False)
+            evidence[str(data["case"])] = (torch.as_tensor(data["mask"]) > 0)[0].movedim(diffusion.preset.slice_axis, 0)
+    # (factor, healthy, fusion) -> case -> marked voxels on positives, false-positive estimate, slice counts
+    stats: dict = {}
     for factor in args.factors:
         pipeline = VolumeSegmentationPipeline(None, build_method_inferer("volume_threshold"), task=args.task,
                                               map_mode=None, threshold=factor)
         gen = PseudoMaskGenerator(pipeline, fill_holes=False)
         axis = gen.preset.slice_axis
         for item in items:
-            data = pipeline.segment(item)
+            data = pipeline.segment(item, source_space=False)
+            case = str(data["case"])
             image = torch.as_tensor(data["image"])
             img = image[0].movedim(axis, 0)
             msk = (torch.as_tensor(data["mask"]) > 0)[0].movedim(axis, 0)
             body = img != 0
-            values = labels.for_case(str(item["case"]), img.shape[0])
+            values = labels.for_case(case, img.shape[0])
             enough = slice_foreground_fraction(image, axis) >= gen.preset.min_body_fraction
             healthy = torch.nonzero((values == 0) & enough).flatten().tolist()
             positive = torch.nonzero((values == 1) & enough).flatten().tolist()
             halves = (healthy[0::2], healthy[1::2])
+
+            def chosen(slices):
+                flags = torch.zeros(len(values), dtype=torch.bool)
+                flags[slices] = True
+                return flags
+
+            # a healthy slice is judged with the references of the other half, a positive one with all of them
+            cross_fitted = len(halves[1]) > 0
+            relaxed = {}
+            if fusions and cross_fitted:
+                pct = args.fusion_relaxed_percentile
+                relaxed = {part: _relaxed(gen, image, values, pct, case, chosen(slices))[0].movedim(axis, 0)
+                           for part, slices in (("all", healthy), (0, halves[1]), (1, halves[0]))}
             for healthy_pct in [None, *args.healthy_percentiles]:
                 gen.healthy_percentile = healthy_pct
                 if healthy_pct is None:
                     refs = {"all": None, 0: None, 1: None}
-                elif len(halves[1]) == 0:
+                elif not cross_fitted:
                     continue  # fewer than two healthy slices: no cross-fitted reference for this volume
                 else:
-                    def reference(slices):
-                        chosen = torch.zeros(len(values), dtype=torch.bool)
-                        chosen[slices] = True
-                        return gen.healthy_reference(image, chosen)
+                    refs = {part: gen.healthy_reference(image, chosen(slices))
+                            for part, slices in (("all", healthy), (0, halves[1]), (1, halves[0]))}
+                for fusion in [None, *(fusions if cross_fitted else [])]:
+                    def marked(k, part):
+                        m = msk[k] if refs[part] is None else msk[k] & (img[k] > refs[part])
+                        if fusion is None:
+                            return m
+                        return fuse_with_evidence(m, evidence[case][k], relaxed[part][k], fusion)
 
-                    # a healthy slice is judged with the reference of the other half, a positive one with all of them
-                    refs = {"all": reference(healthy), 0: reference(halves[1]), 1: reference(halves[0])}
-
-                def marked(k, ref):
-                    return msk[k] if ref is None else msk[k] & (img[k] > ref)
-
-                first = set(halves[0])
-                held_out = [marked(k, refs[0 if k in first else 1]) for k in healthy]
-                on_positive = [marked(k, refs["all"]) for k in positive]
-                min_fraction = gen.preset.positive_min_fraction or 0.0
-                is_marked = lambda m: bool(m.any()) and float(m.float().mean()) >= min_fraction  # noqa: E731
-                # voxels a rule marks per voxel of normal tissue, measured on held-out healthy slices
-                fpr = sum(int(m.sum()) for m in held_out) / max(sum(int(body[k].sum()) for k in healthy), 1)
-                row = {
-                    "marked": sum(int(m.sum()) for m in on_positive),
-                    "false_estimate": fpr * sum(int(body[k].sum()) for k in positive),
-                    "tp": sum(is_marked(m) for m in on_positive), "fp": sum(is_marked(m) for m in held_out),
-                    "n_pos": len(positive), "n_neg": len(healthy),
-                }
-                stats.setdefault((factor, healthy_pct), {})[str(item["case"])] = row
+                    first = set(halves[0])
+                    held_out = [marked(k, 0 if k in first else 1) for k in healthy]
+                    on_positive = [marked(k, "all") for k in positive]
+                    min_fraction = gen.preset.positive_min_fraction or 0.0
+                    is_marked = lambda m: bool(m.any()) and float(m.float().mean()) >= min_fraction  # noqa: E731
+                    # voxels a rule marks per voxel of normal tissue, measured on held-out healthy slices
+                    fpr = sum(int(m.sum()) for m in held_out) / max(sum(int(body[k].sum()) for k in healthy), 1)
+                    row = {
+                        "marked": sum(int(m.sum()) for m in on_positive),
+                        "false_estimate": fpr * sum(int(body[k].sum()) for k in positive),
+                        "tp": sum(is_marked(m) for m in on_positive), "fp": sum(is_marked(m) for m in held_out),
+                        "n_pos": len(positive), "n_neg": len(healthy),
+                    }
+                    stats.setdefault((factor, healthy_pct, fusion), {})[case] = row
     # estimated target voxels per volume: the most any rule finds beyond its false-positive estimate
     cases = sorted({c for per in stats.values() for c in per})
     found = {c: max(max(per[c]["marked"] - per[c]["false_estimate"], 0.0) for per in stats.values() if c in per)
              for c in cases}
-    print(f"| rule (threshold factor, healthy percentile) | estimated volume Dice (labels) | slice F1 (labels) | "
-          f"positive slices marked | held-out healthy slices marked |  ({len(items)} {args.split} volumes of "
-          f"{args.task}, no mask read)")
-    print("|---|---|---|---|---|")
+    print(f"| rule (threshold factor, healthy percentile, fusion) | estimated volume Dice (labels) | "
+          f"slice F1 (labels) | "
+          f"positive slices marked | held-out healthy slices marked | per volume ({', '.join(cases)}) |  "
+          f"({len(items)} {args.split} volumes of {args.task}, no mask read)")
+    print("|---|---|---|---|---|---|")
     out = {}
     for key, per in stats.items():
-        dice = []
+        dice = {}
         for c, r in per.items():
             true_est = max(r["marked"] - r["false_estimate"], 0.0)
-            dice.append(2 * true_est / (r["marked"] + found[c]) if r["marked"] + found[c] > 0 else float("nan"))
+            dice[c] = 2 * true_est / (r["marked"] + found[c]) if r["marked"] + found[c] > 0 else float("nan")
         tp, fp = sum(r["tp"] for r in per.values()), sum(r["fp"] for r in per.values())
         n_pos, n_neg = sum(r["n_pos"] for r in per.values()), sum(r["n_neg"] for r in per.values())
         f1 = 2 * tp / max(tp + n_pos + fp, 1)
-        out[key] = (float(np.nanmean(dice)), f1)
-        name = f"{key[0]}" if key[1] is None else f"{key[0]}, healthy {key[1]}"
-        print(f"| {name} | {out[key][0]:.3f} | {f1:.3f} | {tp}/{n_pos} | {fp}/{n_neg} |", flush=True)
+        out[key] = (float(np.nanmean(list(dice.values()))), f1)
+        per_volume = " / ".join(f"{dice[c]:.3f}" if c in dice else "-" for c in cases)
+        print(f"| {_rule_name(key)} | {out[key][0]:.3f} | {f1:.3f} | {tp}/{n_pos} | {fp}/{n_neg} | {per_volume} |",
+              flush=True)
     best = max(out, key=lambda k: out[k][0])
-    print(f"best estimated volume Dice: threshold factor {best[0]}, healthy percentile {best[1]}")
+    print(f"best estimated volume Dice: {_rule_name(best)}")
     return out
 
 
