@@ -389,7 +389,9 @@ def test_both_bundles_train_the_default_network_with_one_augmentation_recipe():
         parser = ConfigParser()
         parser.read_config(str(BUNDLES[bundle] / "configs" / "train.json"))
         recipes.append(parser.get("train#preprocessing"))
-    assert recipes[0] == recipes[1]
+        # and one weight average (--use_ema), tested on the BraTS bundle
+        recipes.append([parser.get(k) for k in ("ema", "ema_network", "val_network", "checkpoint_dict", "ema_decay")])
+    assert recipes[0] == recipes[2] and recipes[1] == recipes[3]
     targets = [t["_target_"] for t in recipes[0]["transforms"]]
     assert {"RandAdjustContrastd", "RandScaleIntensityd"} <= set(targets)
 

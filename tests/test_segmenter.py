@@ -356,6 +356,30 @@ def test_train_segmentation_then_evaluate_with_gate_and_components(cases, tmp_pa
     assert len(round2_masks) == len(pseudo) and (round2 / "models" / "model.pt").exists()
 
 
+def test_train_json_use_ema_saves_the_averaged_segmenter_and_keeps_the_average_in_checkpoints(cases, tmp_path):
+    """
+    ``--use_ema True``: model.pt / model_final.pt hold the EMA of the weights, the checkpoint carries the average
+    (the CHAOS train.json has the same keys, checked in test_bundle_train.py with the augmentation recipe).
+    """
+    bundle, dataset = "brats", str(Path(cases[0]["image"]).parents[1])
+    fast = {"max_epochs": 1, "epoch_length": 3, "batch_size": 4, "val_batch_size": 16, "progress_bar": False,
+            "segmenter_spatial_size": [SIZE, SIZE], "spatial_size": [SIZE, SIZE], "val_fraction": 0.2,
+            "test_fraction": 0.2, "bright_distractor_prob": 0.0}
+    run(config_file=str(BUNDLES[bundle] / "configs" / "train.json"), bundle_root=str(tmp_path / "run"),
+        dataset_dir=dataset, use_ema=True, ema_decay=0.5, **fast, **TINY_SEGMENTER)
+    models, out = tmp_path / "run" / "models", tmp_path / "run" / "outputs" / "train"
+    checkpoint = torch.load(out / "checkpoints" / "checkpoint_epoch=1.pt", map_location="cpu", weights_only=True)
+    assert checkpoint["ema"]["num_updates"] == 3
+    ema_weight = checkpoint["ema"]["ema_network"]["model.0.conv.unit0.conv.weight"]
+    final = torch.load(models / "model_final.pt", map_location="cpu", weights_only=True)
+    assert torch.equal(final["model.0.conv.unit0.conv.weight"], ema_weight)
+    assert not torch.equal(checkpoint["network"]["model.0.conv.unit0.conv.weight"], ema_weight)
+    assert set(torch.load(models / "model.pt", map_location="cpu", weights_only=True)) == set(final)
+    with pytest.raises(RuntimeError, match="ema_decay"):
+        run(config_file=str(BUNDLES[bundle] / "configs" / "train.json"), bundle_root=str(tmp_path / "bad"),
+            dataset_dir=dataset, use_ema=True, ema_decay=1.5, **fast, **TINY_SEGMENTER)
+
+
 def test_a_2_5d_segmenter_trains_and_segments_with_its_neighbouring_slices_as_channels(cases, tmp_path):
     """``--context_slices 1`` in train.json and inference.json: a 3-channel segmenter, trained on stacks of
     neighbouring slices and run on the same stacks; the other methods refuse the option."""
