@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from monai.networks.nets import DiffusionModelUNet
@@ -307,3 +309,28 @@ def test_fused_attention_default_matches_monai_attention():
         ConditionalDiffusionUNet(**TINY_UNET, use_flash_attention="yes")
     with pytest.raises(ValueError, match="use_flash_attention must be a bool"):
         NoisyClassifier(spatial_dims=2, in_channels=1, input_shape=(16, 16), use_flash_attention=1)
+
+
+class _LabelsPositional(torch.nn.Module):
+    # a module (not a function) so that the tracer sees the network's parameters as parameters
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.net(x, t, class_labels=y)
+
+
+def test_channels_last_state_dict_keep_vars_returns_the_live_parameters_so_tracing_works():
+    # torch.jit.trace and torch.onnx.export read state_dict(keep_vars=True) and need the parameters themselves;
+    # the contiguous copies meant for saving made them fail on a channels-last network
+    net = to_memory_format(tiny_unet().eval(), "channels_last")
+    live = net.state_dict(keep_vars=True)
+    params = dict(net.named_parameters())
+    assert all(live[k] is p for k, p in params.items())
+    assert all(v.is_contiguous() for v in net.state_dict().values())  # saving still gets plain tensors
+    x, t, y = torch.randn(2, 1, 16, 16), torch.tensor([5, 300]), torch.tensor([1, 0])
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's notes on the network's Python-level input checks
+        traced = torch.jit.trace(_LabelsPositional(net), (x, t, y))
+        torch.testing.assert_close(traced(x, t, y), net(x, t, class_labels=y), atol=1e-6, rtol=0)

@@ -81,9 +81,12 @@ def _contiguous_output(module: nn.Module, args: tuple, output):
 
 
 def _contiguous_state_dict(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
-    # saved weights keep the plain (contiguous) layout whatever memory format the network computes in
+    # saved weights keep the plain (contiguous) layout whatever memory format the network computes in; with
+    # keep_vars=True (Parameters in the dict) the caller wants the live parameters: torch.jit.trace and the ONNX
+    # exporter map them to graph inputs and fail on copies ("Cannot insert a Tensor that requires grad as a constant")
     for key, value in state_dict.items():
-        if key.startswith(prefix) and isinstance(value, torch.Tensor) and not value.is_contiguous():
+        if key.startswith(prefix) and isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter) \
+                and not value.is_contiguous():
             state_dict[key] = value.contiguous()
 
 
