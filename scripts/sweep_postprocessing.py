@@ -69,6 +69,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    help="segmenter: neighbouring slices on either side it was trained with (train.json --context_slices)")
     p.add_argument("--flip_axes", type=int, nargs="*", default=[],
                    help="segmenter: mirrored test-time augmentation along these slice axes (0: left-right)")
+    p.add_argument("--overrides", nargs="*", default=[],
+                   help="config files of the bundle layered on inference.json, e.g. coordinate_channels.json for a "
+                        "segmenter trained with that override")
     p.add_argument("--criterion", choices=("labels", "pixel_masks"), default="labels")
     p.add_argument("--labels", help="labels CSV (case,slice,label); --criterion labels")
     p.add_argument("--pseudo_dir", help="folder of the validation scans' <case>_pseudo.nii.gz; --criterion labels")
@@ -79,7 +82,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     torch.set_num_threads(1)
 
     cfg = ConfigParser()
-    cfg.read_config([f"{args.bundle_root}/configs/{name}" for name in ("inference.json", "slice_gate.json")])
+    names = ("inference.json", "slice_gate.json", *args.overrides)
+    missing = [n for n in names if not Path(args.bundle_root, "configs", n).is_file()]
+    if missing:
+        p.error(f"--overrides: no {', '.join(missing)} in {args.bundle_root}/configs")
+    cfg.read_config([f"{args.bundle_root}/configs/{name}" for name in names])
     # the bundle's own option: in_channels follow from it, and a method other than the segmenter refuses it
     cfg["context_slices"] = args.context_slices
     context = parse_context_slices(args.context_slices, args.method)

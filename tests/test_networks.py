@@ -334,3 +334,63 @@ def test_channels_last_state_dict_keep_vars_returns_the_live_parameters_so_traci
         warnings.simplefilter("ignore")  # the tracer's notes on the network's Python-level input checks
         traced = torch.jit.trace(_LabelsPositional(net), (x, t, y))
         torch.testing.assert_close(traced(x, t, y), net(x, t, class_labels=y), atol=1e-6, rtol=0)
+
+
+# ---- coordinate channels (issue 15: location cues for the segmenter) ---------------------------------------------
+def test_coordinate_channels_network_feeds_monais_coordinate_channels_with_the_input():
+    """The wrapped network sees exactly what MONAI's AddCoordinateChannels appends to each item, in 2D and 3D,
+    contiguous or channels-last, and its weights save and load under the ``network.`` prefix."""
+    from monai.networks.nets import UNet
+    from monai.transforms import AddCoordinateChannels
+
+    from monai_wsss.networks.nets import CoordinateChannelsNetwork
+
+    for dims, shape in ((2, (3, 2, 16, 12)), (3, (2, 1, 8, 8, 4))):
+        inner = perturb(UNet(dims, shape[1] + dims, 2, channels=(4, 8), strides=(2,), num_res_units=1))
+        net = CoordinateChannelsNetwork(inner, spatial_dims=dims).eval()
+        x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+        expected = torch.stack([inner(AddCoordinateChannels(tuple(range(dims)))(xi)[None])[0] for xi in x])
+        with torch.no_grad():
+            torch.testing.assert_close(net(x), expected, rtol=1e-5, atol=1e-6)
+            coords = net.coordinates(x)
+        assert coords.shape == (shape[0], dims, *shape[2:])
+        assert coords.amin() == -0.5 and coords.amax() == 0.5 and torch.equal(coords[0], coords[-1])
+    assert all(k.startswith("network.") for k in net.state_dict())
+    fast = to_memory_format(CoordinateChannelsNetwork(perturb(UNet(2, 3, 2, channels=(4, 8), strides=(2,))), 2), "channels_last")
+    plain = CoordinateChannelsNetwork(UNet(2, 3, 2, channels=(4, 8), strides=(2,)), 2).eval()
+    plain.load_state_dict(fast.state_dict())
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(fast.eval()(x), plain(x), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match=r"spatial_dims=2\) takes \(batch, channels, size, size\) input, got shape \(1, 16, 16\)"):
+        plain(torch.randn(1, 16, 16))
+    with pytest.raises(ValueError, match="spatial_dims must be 2 or 3"):
+        CoordinateChannelsNetwork(UNet(1, 2, 2, channels=(4, 8), strides=(2,)), spatial_dims=1)
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        CoordinateChannelsNetwork("unet")
+
+
+def test_coordinate_channels_let_a_pointwise_network_learn_where_the_target_is():
+    """A target defined by place alone (the left half of a uniform image): a 1 x 1 convolution cannot tell the
+    halves apart from intensity, and learns them from the coordinate channels."""
+    from monai_wsss.networks.nets import CoordinateChannelsNetwork
+
+    x = torch.ones(4, 1, 8, 8)
+    target = torch.zeros(4, 1, 8, 8)
+    target[..., :4, :] = 1.0
+
+    def fit(net: torch.nn.Module) -> float:
+        torch.manual_seed(0)
+        opt = torch.optim.Adam(net.parameters(), lr=0.1)
+        for _ in range(200):
+            opt.zero_grad()
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(net(x), target)
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            return ((net(x) > 0).float() == target).float().mean().item()
+
+    torch.manual_seed(0)
+    assert fit(torch.nn.Conv2d(1, 1, 1)) <= 0.5  # one output for every pixel
+    torch.manual_seed(0)
+    assert fit(CoordinateChannelsNetwork(torch.nn.Conv2d(3, 1, 1))) == 1.0

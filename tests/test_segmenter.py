@@ -414,6 +414,48 @@ def test_a_2_5d_segmenter_trains_and_segments_with_its_neighbouring_slices_as_ch
         parse_context_slices(-1, "segmenter")
 
 
+@pytest.mark.parametrize("bundle", sorted(BUNDLES))
+def test_coordinate_channels_override_gives_training_and_inference_the_same_network(bundle):
+    """``configs/coordinate_channels.json`` layered on train.json and on inference.json: the same wrapped network
+    in both (MONAI Label and ``ckpt_export`` read ``network_def``)."""
+    from monai_wsss.networks.nets import CoordinateChannelsNetwork
+
+    configs = BUNDLES[bundle] / "configs"
+    override = str(configs / "coordinate_channels.json")
+    parsed = {}
+    for name in ("train.json", "inference.json"):
+        parser = ConfigParser()
+        parser.read_config([str(configs / name), override])
+        parsed[name] = parser.get_parsed_content("network_def")
+        assert isinstance(parsed[name], CoordinateChannelsNetwork)
+    assert set(parsed["train.json"].state_dict()) == set(parsed["inference.json"].state_dict())
+
+
+def test_coordinate_channels_override_trains_and_segments_with_location_channels(cases, tmp_path):
+    """The override trains a segmenter with two coordinate channels beside the image, and inference runs it on
+    whole scans from its own weights."""
+    configs = BUNDLES["brats"] / "configs"
+    override = str(configs / "coordinate_channels.json")
+    tiny = {f"network_def#network#{k.split('#')[1]}": v for k, v in TINY_SEGMENTER.items()}
+    dataset = str(Path(cases[0]["image"]).parents[1])
+    run(config_file=[str(configs / "train.json"), override], bundle_root=str(tmp_path), dataset_dir=dataset,
+        max_epochs=1, epoch_length=2, batch_size=4, val_batch_size=16, progress_bar=False,
+        segmenter_spatial_size=[SIZE, SIZE], spatial_size=[SIZE, SIZE], val_fraction=0.2, test_fraction=0.2, **tiny)
+    state = torch.load(tmp_path / "models" / "model.pt", map_location="cpu", weights_only=True)
+    first_conv = next(v for k, v in state.items() if k.endswith("weight") and v.ndim == 4)
+    assert first_conv.shape[1] == 3 and all(k.startswith("network.") for k in state)
+    workflow = ConfigWorkflow(
+        config_file=[str(configs / "inference.json"), override], logging_file=False, workflow_type="infer",
+        dataset_dir=dataset, output_dir=str(tmp_path / "eval"), model_path=str(tmp_path / "models" / "model.pt"),
+        roi_size=[SIZE, SIZE], progress=False, **tiny,
+    )
+    workflow.initialize()
+    workflow.run()
+    workflow.finalize()
+    masks = sorted((tmp_path / "eval").glob("*_mask.nii.gz"))
+    assert len(masks) == len(cases) and nib.load(str(masks[0])).shape == SHAPE
+
+
 def test_the_fully_supervised_ceiling_trains_on_the_target_masks_beside_the_weak_model(cases, tmp_path):
     """train_fully_supervised.json: the same network and recipe on the training scans' true target masks (the
     "fully supervised" row of the tables), written to its own folder so the weak model is never replaced."""

@@ -1,4 +1,4 @@
-from monai_wsss.networks.nets import ConditionalDiffusionUNet, NoisyClassifier
+from monai_wsss.networks.nets import ConditionalDiffusionUNet, CoordinateChannelsNetwork, NoisyClassifier
 from monai_wsss.networks.precision import (
     MEMORY_FORMATS,
     PRECISIONS,
@@ -14,6 +14,7 @@ __all__ = [
     "PRECISIONS",
     "AutocastNetwork",
     "ConditionalDiffusionUNet",
+    "CoordinateChannelsNetwork",
     "NoisyClassifier",
     "channels_last_pays",
     "native_bfloat16",
