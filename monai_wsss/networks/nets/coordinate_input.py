@@ -18,8 +18,8 @@ class CoordinateChannelsNetwork(nn.Module):
     while other bright abdominal structures (fluid, cysts, the spleen) look alike elsewhere.
 
     The coordinates are those of the network's input grid (the slice in model space, after any augmentation), and
-    they are added inside ``forward``, so training, validation, every inferer, TorchScript export and MONAI Label
-    see the same input without a transform of their own. ``network`` must take ``in_channels + spatial_dims``
+    they are added inside ``forward``, so training, validation and every inferer see the same input without a
+    transform of their own. ``network`` must take ``in_channels + spatial_dims``
     channels.
 
     Liu, R. et al. An Intriguing Failing of Convolutional Neural Networks and the CoordConv Solution, NeurIPS 2018.
@@ -66,5 +66,4 @@ class CoordinateChannelsNetwork(nn.Module):
         return grid.unsqueeze(0).expand(x.shape[0], *grid.shape)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        # the memory format of x (channels-last on the CPU) carries over: torch.cat follows its first input
         return self.network(torch.cat([x, self.coordinates(x)], dim=1), *args, **kwargs)
