@@ -429,6 +429,12 @@ def test_coordinate_channels_override_gives_training_and_inference_the_same_netw
         parsed[name] = parser.get_parsed_content("network_def")
         assert isinstance(parsed[name], CoordinateChannelsNetwork)
     assert set(parsed["train.json"].state_dict()) == set(parsed["inference.json"].state_dict())
+    # the override copies the bundle's segmenter UNet; only its input channels (+2 coordinates) may differ
+    inner = json.loads(Path(override).read_text())["network_def"]["network"]
+    for name in ("train.json", "inference.json"):
+        base = json.loads((configs / name).read_text())["network_def"]
+        assert {k: v for k, v in inner.items() if k != "in_channels"} == {k: v for k, v in base.items() if k != "in_channels"}
+        assert inner["in_channels"] == base["in_channels"].replace("+ 1", "+ 3")
 
 
 def test_coordinate_channels_override_trains_and_segments_with_location_channels(cases, tmp_path):

@@ -19,8 +19,7 @@ class CoordinateChannelsNetwork(nn.Module):
 
     The coordinates are those of the network's input grid (the slice in model space, after any augmentation), and
     they are added inside ``forward``, so training, validation and every inferer see the same input without a
-    transform of their own. ``network`` must take ``in_channels + spatial_dims``
-    channels.
+    transform of their own. ``network`` must take ``in_channels + spatial_dims`` channels.
 
     Liu, R. et al. An Intriguing Failing of Convolutional Neural Networks and the CoordConv Solution, NeurIPS 2018.
 
