@@ -201,6 +201,61 @@ def test_ablation_chooses_by_image_level_labels_and_refuses_pixel_masks_outside_
         main([*common, "--criterion", "pixel_dice", "--out_dir", str(tmp_path / "pixels")])
 
 
+def test_ablation_scores_extent_against_pseudo_masks_made_from_labels(tmp_path):
+    import shutil
+    from pathlib import Path
+
+    import nibabel as nib
+    import numpy as np
+
+    from monai_wsss.benchmark.ablation import load_pseudo_mask_slices, main
+    from monai_wsss.benchmark.table import load_eval_slices
+    from monai_wsss.bundle import prepare_splits
+    from monai_wsss.data.labels import main as write_labels
+
+    bundle = Path(__file__).resolve().parents[1] / "bundles" / "brats_cdm"
+    data = tmp_path / "data"
+    items = make_synthetic_dataset(data, num_cases=5, shape=(64, 64, 12), seed=1)
+    labels = tmp_path / "labels.csv"
+    write_labels(["--dataset_dir", str(data), "--task", "brats", "--out", str(labels), "--quiet"])
+    pseudo = tmp_path / "pseudo"
+    pseudo.mkdir()
+    for item in items:  # pseudo-masks equal to the masks stand in for a run's; one positive slice made empty below
+        shutil.copy(item["seg"], pseudo / f"{item['case']}_pseudo.nii.gz")
+    images, masks, info = load_pseudo_mask_slices(data, "brats", labels, pseudo, split="validation", max_slices=0,
+                                                  spatial_size=(32, 32))
+    assert info["criterion"] == "pseudo_dice" and images.shape == masks.shape and images.shape[1:] == (1, 32, 32)
+    assert (masks.flatten(1).sum(1) > 0).all()
+    # slices with target, each with its own mask (pseudo-masks = masks here); unlabelled ones (under 0.2 %) left out
+    val_images, val_segs, _ = load_eval_slices(data, "brats", split="validation", max_slices=0, spatial_size=(32, 32))
+    pairs = {(a.numpy().tobytes(), m.numpy().tobytes()) for a, m in zip(val_images, val_segs)}
+    assert 0 < images.shape[0] <= val_images.shape[0]
+    assert all((a.numpy().tobytes(), m.numpy().tobytes()) in pairs for a, m in zip(images, masks))
+    # a slice labelled 1 whose pseudo-mask is empty has no extent to score: it is left out
+    case = prepare_splits(data, "brats", 0.1, 0.2, 0)["validation"][0]["case"]
+    path = pseudo / f"{case}_pseudo.nii.gz"
+    img = nib.load(path)
+    arr = np.asarray(img.dataobj).copy()
+    z = int(np.argmax((arr > 0).reshape(-1, arr.shape[2]).sum(0)))  # the largest target: surely labelled 1
+    arr[..., z] = 0
+    nib.save(nib.Nifti1Image(arr, img.affine), path)
+    fewer, _, _ = load_pseudo_mask_slices(data, "brats", labels, pseudo, max_slices=0, spatial_size=(32, 32))
+    assert fewer.shape[0] == images.shape[0] - 1
+    common = ["--bundle_root", str(bundle), "--dataset_dir", str(data), "--split", "validation", "--joint",
+              "--params", "noise_level", "--grid", '{"noise_level": [4, 8]}', "--max_slices", "0", "--repeats", "1",
+              "--num_steps", "2", "--device", "cpu", "--precision", "float32", "--size", "32", "--labels", str(labels),
+              "--criterion", "pseudo_dice"]
+    rows = main([*common, "--pseudo_dir", str(pseudo), "--out_dir", str(tmp_path / "out")])
+    assert [r["noise_level"] for r in rows] == [4, 8] and all(0.0 <= r["dice"] <= 1.0 for r in rows)
+    md = (tmp_path / "out" / "ablation.md").read_text()
+    assert "scored by Dice against their pseudo-masks" in md and str(pseudo) in md
+    with pytest.raises(ValueError, match="needs --labels"):
+        main([*common, "--out_dir", str(tmp_path / "none")])
+    path.unlink()
+    with pytest.raises(ValueError, match=f"{case}_pseudo.nii.gz"):
+        main([*common, "--pseudo_dir", str(pseudo), "--out_dir", str(tmp_path / "missing")])
+
+
 def test_joint_settings_are_every_combination_with_R_at_most_Q():
     from monai_wsss.benchmark.ablation import joint_settings
 

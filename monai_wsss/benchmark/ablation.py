@@ -11,7 +11,11 @@ see the test cases, and it scores each setting by image-level labels alone (``--
 criterion the diffusion training selects its checkpoint by): slice-level AUROC of the map's score
 (:py:class:`~monai_wsss.transforms.MapSliceScore`) against the slices' labels (``--labels``, the labels file of
 training) on a seeded set of validation slices balanced between the two labels (``--max_slices 0``: every
-slice). ``--criterion pixel_dice`` (Dice
+slice). Slice AUROC rewards telling the labels apart, not the extent of the object, so ``--criterion pseudo_dice``
+scores the extent from labels too: Dice of each setting's masks against the validation scans' **pseudo-masks**
+(``--pseudo_dir``: the ``<case>_pseudo.nii.gz`` a bundle's training run writes from the image-level labels and its
+pseudo-mask rule, the reference its segmenter's checkpoint is chosen by) on the slices labelled 1 whose pseudo-mask
+is not empty. ``--criterion pixel_dice`` (Dice
 against pixel masks on positive slices, the paper's Fig. 3) reports on the test split only: pixel masks never
 choose a setting. ``--joint`` evaluates every combination of the grid instead of one parameter at a time.
 Writes ``ablation.csv`` (one row per setting), ``ablation.md`` and, one parameter at a time, ``ablation.png``
@@ -19,6 +23,12 @@ Writes ``ablation.csv`` (one row per setting), ``ablation.md`` and, one paramete
 
     python -m monai_wsss.benchmark ablation --bundle_root bundles/brats_cdm --dataset_dir /data/brats \
         --labels labels.csv --joint --grid '{"noise_level": [200, 300], "tau": [0.8, 0.95]}' --params noise_level tau
+
+    # the validation pseudo-masks alone (seconds for the intensity rule), then the extent criterion
+    python -m monai.bundle run --run_id pseudo_val_items --config_file bundles/brats_cdm/configs/train.json \
+        --bundle_root runs/pm --dataset_dir /data/brats --labels labels.csv
+    python -m monai_wsss.benchmark ablation --bundle_root bundles/brats_cdm --dataset_dir /data/brats \
+        --labels labels.csv --criterion pseudo_dice --pseudo_dir runs/pm/outputs/pseudo_masks/brats_<digest> ...
 """
 
 from __future__ import annotations
@@ -43,10 +53,14 @@ from monai_wsss.networks import PRECISIONS, with_precision
 from monai_wsss.transforms import MODEL_INTENSITY_RANGE, MapSliceScore
 from monai_wsss.utils.atomic_files import atomic_write, write_text_atomic
 
-__all__ = ["CRITERIA", "sweep_settings", "joint_settings", "load_labelled_slices", "evaluate_slice_auroc", "run_ablation", "main"]
+__all__ = [
+    "CRITERIA", "sweep_settings", "joint_settings", "load_labelled_slices", "load_pseudo_mask_slices",
+    "evaluate_slice_auroc", "run_ablation", "main",
+]
 
-#: what a setting is scored by: image-level labels (chooses settings) or pixel masks (reports, test split only)
-CRITERIA = ("slice_auroc", "pixel_dice")
+#: what a setting is scored by: image-level labels (slice AUROC; Dice against the pseudo-masks made from them), both
+#: of which choose settings, or pixel masks (reports, test split only)
+CRITERIA = ("slice_auroc", "pseudo_dice", "pixel_dice")
 
 SWEEPS = {
     "noise_level": [50, 100, 200, 300, 400, 500],
@@ -79,6 +93,15 @@ def joint_settings(base: dict, sweeps: dict[str, list]) -> list[tuple[str, dict]
     return settings
 
 
+def _labelled_split(dataset_dir, task: str, labels, split: str, split_seed: int) -> tuple:
+    """The parsed labels file and one split's items (the bundles' 0.1 / 0.2 split); an empty split is an error."""
+    parsed = load_slice_labels(labels)
+    splits = prepare_splits(dataset_dir, task, 0.1, 0.2, split_seed, labels=parsed)
+    if not splits.get(split):
+        raise ValueError(f"split {split!r} of {dataset_dir} is empty (splits: { {k: len(v) for k, v in splits.items()} }).")
+    return parsed, splits[split]
+
+
 def load_labelled_slices(
     dataset_dir: str | Path,
     task: str,
@@ -103,12 +126,9 @@ def load_labelled_slices(
     Raises:
         ValueError: an empty split, or a split without slices of both labels.
     """
-    parsed = load_slice_labels(labels)
-    splits = prepare_splits(dataset_dir, task, 0.1, 0.2, split_seed, labels=parsed)
-    if not splits.get(split):
-        raise ValueError(f"split {split!r} of {dataset_dir} is empty (splits: { {k: len(v) for k, v in splits.items()} }).")
+    parsed, cases = _labelled_split(dataset_dir, task, labels, split, split_seed)
     preset = TASKS[task].replace(eval_min_fraction=None)
-    ds = build_slice_dataset(splits[split], preset, spatial_size=spatial_size, cache_dir=cache_dir, split="eval", labels=parsed)
+    ds = build_slice_dataset(cases, preset, spatial_size=spatial_size, cache_dir=cache_dir, split="eval", labels=parsed)
     chosen = select_slices(ds, max_slices=max_slices, seed=seed, balanced=True)
     items = [chosen[i] for i in range(len(chosen))]
     slice_labels = torch.tensor([int(item["label"]) for item in items])
@@ -119,12 +139,80 @@ def load_labelled_slices(
         "split": split,
         "criterion": "slice_auroc",
         "labels": str(labels) if labels else "from the masks by the task's rule",
-        "cases": len(splits[split]),
+        "cases": len(cases),
         "slices_used": len(items),
         "positive_slices_used": int(slice_labels.sum()),
         "cases_used": len({item["case"] for item in items}),
     }
     return images, slice_labels, info
+
+
+def load_pseudo_mask_slices(
+    dataset_dir: str | Path,
+    task: str,
+    labels: str | Path,
+    pseudo_dir: str | Path,
+    split: str = "validation",
+    max_slices: int | None = 64,
+    seed: int = 0,
+    split_seed: int = 0,
+    spatial_size: tuple[int, int] = (64, 64),
+    cache_dir: str | Path | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """
+    Slices of one split labelled 1 (by the labels file) with their pseudo-masks, the labels-only reference of an
+    object's extent: each case's ``<case>_pseudo.nii.gz`` in ``pseudo_dir`` (as
+    :py:class:`~monai_wsss.apps.PseudoMaskGenerator` writes them), moved to model space with the image. Slices whose
+    pseudo-mask is empty at ``spatial_size`` (the rule found nothing there) have no extent to score and are left
+    out; a seeded subset of at most ``max_slices`` (0 or ``None``: all) is kept.
+
+    Returns:
+        ``(images, pseudo_masks, info)``: (N, 1, h, w) images in model space, (N, 1, h, w) binary pseudo-masks, and a
+        dict with the split, the number of cases and of slices used.
+
+    Raises:
+        ValueError: no ``labels`` or ``pseudo_dir``; an empty split; a missing pseudo-mask (naming the file and the
+            case); a split without a labelled-positive slice with a non-empty pseudo-mask.
+
+    Example::
+
+        images, pseudo, info = load_pseudo_mask_slices("/data/brats", "brats", "labels.csv",
+                                                       "runs/pm/outputs/pseudo_masks/brats_a713ce1ff87d")
+    """
+    if not labels or not pseudo_dir:
+        raise ValueError("--criterion pseudo_dice needs --labels and --pseudo_dir (the pseudo-masks).")
+    parsed, cases = _labelled_split(dataset_dir, task, labels, split, split_seed)
+    items = []
+    for item in cases:
+        path = Path(pseudo_dir) / f"{item['case']}_pseudo.nii.gz"
+        if not path.is_file():
+            raise ValueError(f"--pseudo_dir: no pseudo-mask {path} for {split} case {item['case']}.")
+        items.append({**item, "pseudo": str(path)})
+    preset = TASKS[task].replace(eval_min_fraction=None)
+    ds = build_slice_dataset(
+        items, preset, spatial_size=spatial_size, cache_dir=cache_dir, split="eval", labels=parsed,
+        extra_mask_keys=("pseudo",),
+    )
+    positives = [i for i in range(len(ds)) if int(ds[i]["label"]) == 1 and float(ds[i]["pseudo"].sum()) > 0]
+    if not positives:
+        raise ValueError(
+            f"split {split!r} of {dataset_dir}: no slice labelled 1 has a non-empty pseudo-mask in {pseudo_dir}."
+        )
+    rng = np.random.default_rng(seed)
+    if max_slices and max_slices < len(positives):
+        positives = sorted(rng.choice(positives, size=max_slices, replace=False).tolist())
+    images = torch.stack([torch.as_tensor(ds[i]["image"]) for i in positives]).float()
+    pseudo = torch.stack([torch.as_tensor(ds[i]["pseudo"]) for i in positives]).float()
+    info = {
+        "split": split,
+        "criterion": "pseudo_dice",
+        "labels": str(labels),
+        "pseudo_dir": str(pseudo_dir),
+        "cases": len(items),
+        "slices_used": len(positives),
+        "cases_used": len({ds[i]["case"] for i in positives}),
+    }
+    return images, pseudo, info
 
 
 def evaluate_slice_auroc(
@@ -184,8 +272,8 @@ def run_ablation(args: argparse.Namespace) -> list[dict]:
     Run the sweep described by parsed ``args``; see :func:`main`.
 
     Raises:
-        ValueError: ``--criterion pixel_dice`` on a split other than ``test``; unknown grid parameters; a guidance
-            sweep without a classifier.
+        ValueError: ``--criterion pixel_dice`` on a split other than ``test``; ``pseudo_dice`` without ``--labels``
+            and ``--pseudo_dir``; unknown grid parameters; a guidance sweep without a classifier.
     """
     if args.criterion == "pixel_dice" and args.split != "test":
         raise ValueError(
@@ -201,6 +289,11 @@ def run_ablation(args: argparse.Namespace) -> list[dict]:
         images, targets, info = load_labelled_slices(
             args.dataset_dir, args.task, args.labels, split=args.split, max_slices=args.max_slices, seed=args.seed,
             spatial_size=size, cache_dir=args.cache_dir,
+        )
+    elif args.criterion == "pseudo_dice":
+        images, targets, info = load_pseudo_mask_slices(
+            args.dataset_dir, args.task, args.labels, args.pseudo_dir, split=args.split, max_slices=args.max_slices,
+            seed=args.seed, spatial_size=size, cache_dir=args.cache_dir,
         )
     else:
         images, targets, info = load_eval_slices(
@@ -243,12 +336,18 @@ def write_ablation(rows: list[dict], out_dir: str | Path, info: dict) -> None:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "ablation.csv", rows)
-    by_labels = info.get("criterion", "pixel_dice") == "slice_auroc"
+    criterion = info.get("criterion", "pixel_dice")
+    by_labels = criterion == "slice_auroc"
     metric, label = ("slice_auroc", "slice AUROC") if by_labels else ("dice", "Dice")
     if by_labels:
         header = (f"{info['slices_used']} {info['split']} slices of {info['cases_used']} cases "
                   f"({info['positive_slices_used']} labelled target present; labels: {info['labels']}), scored by slice AUROC")
         columns, extra = ["slice AUROC", "slice AUPRC", "s / slice"], lambda r: [f"{r['slice_auprc']:.3f}", f"{r['sec_per_slice']:.3f}"]
+    elif criterion == "pseudo_dice":
+        header = (f"{info['slices_used']} {info['split']} slices labelled 1 of {info['cases_used']} cases (labels: "
+                  f"{info['labels']}), scored by Dice against their pseudo-masks ({info['pseudo_dir']}; labels only)")
+        columns = ["Dice", "mIoU", "HD95", "s / slice"]
+        extra = lambda r: [f"{r['iou']:.3f}", f"{r['hd95']:.1f}", f"{r['sec_per_slice']:.3f}"]  # noqa: E731
     else:
         header = (f"{info['slices_used']} positive {info['split']} slices of {info['cases_used']} cases "
                   f"({info.get('slice_rule', 'every slice with target')}), scored by Dice against pixel masks")
@@ -300,9 +399,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="validation")
     p.add_argument("--out_dir", default="outputs/ablation")
     p.add_argument("--cache_dir", default=None)
-    p.add_argument("--labels", default=None, help="labels CSV of training (slice_auroc; default: the task's rule on the masks)")
+    p.add_argument("--labels", default=None,
+                   help="labels CSV of training (slice_auroc: default the task's rule on the masks; pseudo_dice: "
+                        "required)")
     p.add_argument("--criterion", default="slice_auroc", choices=CRITERIA,
-                   help="slice_auroc: image-level labels (chooses settings); pixel_dice: pixel masks (test split only)")
+                   help="slice_auroc: image-level labels; pseudo_dice: Dice against the pseudo-masks made from "
+                        "them (both choose settings); pixel_dice: pixel masks (test split only)")
+    p.add_argument("--pseudo_dir", default=None,
+                   help="folder of the split's <case>_pseudo.nii.gz (--criterion pseudo_dice)")
     p.add_argument("--joint", action="store_true", help="every combination of the grid, not one parameter at a time")
     p.add_argument("--diffusion_path", default=None, help="diffusion weights (default: <bundle_root>/models/diffusion.pt)")
     p.add_argument("--classifier_path", default=None, help="classifier weights (default: <bundle_root>/models/classifier.pt)")
