@@ -45,7 +45,7 @@ from monai.networks.schedulers import DDIMScheduler
 from monai_wsss.apps.methods import default_map_mode
 from monai_wsss.apps.reports import write_csv
 from monai_wsss.benchmark.table import MethodSpec, evaluate_method, load_bundle_networks, load_eval_slices, method_maps
-from monai_wsss.bundle import load_slice_labels, prepare_splits, select_slices
+from monai_wsss.bundle import attach_pseudo_masks, load_slice_labels, prepare_splits, select_slices
 from monai_wsss.data import TASKS, build_slice_dataset
 from monai_wsss.inferers import ConditionDifferenceInferer, NoiseEnsembleInferer
 from monai_wsss.metrics.auc import compute_auroc_auprc
@@ -182,12 +182,7 @@ def load_pseudo_mask_slices(
     if not labels or not pseudo_dir:
         raise ValueError("--criterion pseudo_dice needs --labels and --pseudo_dir (the pseudo-masks).")
     parsed, cases = _labelled_split(dataset_dir, task, labels, split, split_seed)
-    items = []
-    for item in cases:
-        path = Path(pseudo_dir) / f"{item['case']}_pseudo.nii.gz"
-        if not path.is_file():
-            raise ValueError(f"--pseudo_dir: no pseudo-mask {path} for {split} case {item['case']}.")
-        items.append({**item, "pseudo": str(path)})
+    items = attach_pseudo_masks(cases, pseudo_dir, key="pseudo", argument="--pseudo_dir")
     preset = TASKS[task].replace(eval_min_fraction=None)
     ds = build_slice_dataset(
         items, preset, spatial_size=spatial_size, cache_dir=cache_dir, split="eval", labels=parsed,

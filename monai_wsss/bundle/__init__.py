@@ -13,7 +13,13 @@ from monai_wsss.bundle.options import (
 )
 from monai_wsss.bundle.checkpoints import latest_checkpoint, verify_bundle_networks
 from monai_wsss.bundle.distributed import distributed_rank, init_distributed, release_distributed
-from monai_wsss.bundle.splits import load_slice_labels, prepare_splits, select_slices
+from monai_wsss.bundle.splits import (
+    attach_pseudo_masks,
+    load_slice_labels,
+    prepare_splits,
+    pseudo_mask_datalist,
+    select_slices,
+)
 
 __all__ = [
     "DEFAULT_METHOD",
@@ -27,6 +33,8 @@ __all__ = [
     "parse_write_map",
     "parse_context_slices",
     "ExponentialMovingAverage",
+    "attach_pseudo_masks",
+    "pseudo_mask_datalist",
     "SeededEvaluation",
     "distributed_rank",
     "ema_copy",

@@ -22,7 +22,7 @@ from monai_wsss.data import (
     write_datalist,
 )
 
-__all__ = ["load_slice_labels", "prepare_splits", "select_slices"]
+__all__ = ["attach_pseudo_masks", "load_slice_labels", "prepare_splits", "pseudo_mask_datalist", "select_slices"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +51,81 @@ def load_slice_labels(labels: str | os.PathLike | SliceLabels | None) -> SliceLa
     if str(labels).strip().lower() in ("", "none", "null"):
         return None
     return SliceLabels.from_csv(labels)
+
+
+def attach_pseudo_masks(
+    items: Sequence[Mapping], pseudo_dir: str | os.PathLike, key: str = "pseudo", argument: str = "pseudo_dir"
+) -> list[dict]:
+    """
+    ``items`` with ``key`` set to each case's ``<case>_pseudo.nii.gz`` in ``pseudo_dir``, the file names a bundle's
+    training run writes its pseudo-masks under (:py:class:`~monai_wsss.apps.PseudoMaskGenerator`).
+
+    Args:
+        items: datalist items, each with a ``case`` id.
+        pseudo_dir: the pseudo-mask folder, e.g. ``<bundle_root>/outputs/pseudo_masks/brats_<digest>``.
+        key: the item key that receives the path (``"seg"`` to score against the pseudo-masks).
+        argument: the argument name the error messages give for ``pseudo_dir``.
+
+    Returns:
+        new items (the inputs are not changed).
+
+    Raises:
+        ValueError: an item without ``case``, or a case whose pseudo-mask file is missing (the path is named).
+
+    Example::
+
+        >>> attach_pseudo_masks([{"case": "c1", "image": "c1.nii.gz"}], "pm", key="seg")  # doctest: +SKIP
+        [{'case': 'c1', 'image': 'c1.nii.gz', 'seg': 'pm/c1_pseudo.nii.gz'}]
+    """
+    out = []
+    for item in items:
+        if "case" not in item:
+            raise ValueError(f"{argument}: item {dict(item)!r} has no 'case' id (the pseudo-mask file name).")
+        path = Path(pseudo_dir) / f"{item['case']}_pseudo.nii.gz"
+        if not path.is_file():
+            raise ValueError(f"{argument}: no pseudo-mask {path} for case {item['case']}.")
+        out.append({**dict(item), key: str(path)})
+    return out
+
+
+def pseudo_mask_datalist(
+    datalist: str | os.PathLike | Mapping[str, Sequence[Mapping]],
+    pseudo_dir: str | os.PathLike,
+    datalist_file: str | os.PathLike | None = None,
+    split: str = "validation",
+) -> dict[str, list[dict]]:
+    """
+    A datalist of one split whose ``seg`` is each scan's pseudo-mask, so that a bundle's ``evaluate.json`` scores
+    whole volumes against the references made from the image-level labels alone: a labels-only criterion for
+    choosing inference settings that, unlike slice AUROC or Dice on the labelled slices, also charges a mask on a
+    slice labelled 0 (its pseudo-mask is empty, as the second stage's training target).
+
+    Args:
+        datalist: a datalist JSON file (e.g. from :py:func:`prepare_splits`) or its splits.
+        pseudo_dir: the folder of ``<case>_pseudo.nii.gz`` (``train.json``'s ``outputs/pseudo_masks/<task>_<digest>``;
+            ``--run_id pseudo_val_items`` writes the validation ones alone).
+        datalist_file: optional JSON file to write the result to (atomically).
+        split: the split to keep; its pixel masks, if any, are replaced and never read.
+
+    Returns:
+        ``{split: [...]}`` of items whose ``seg`` is the pseudo-mask path.
+
+    Raises:
+        ValueError: ``split`` missing or empty in ``datalist``, or a case without its pseudo-mask file.
+
+    Example::
+
+        >>> pseudo_mask_datalist("datalist.json", "pm/outputs/pseudo_masks/brats_a713ce1ff87d", "val_pseudo.json")  # doctest: +SKIP
+        # then: monai.bundle run ... evaluate.json --dataset_dir val_pseudo.json --datalist_split validation
+    """
+    splits = load_datalist(datalist) if isinstance(datalist, (str, os.PathLike)) else datalist
+    if not splits.get(split):
+        raise ValueError(f"datalist {datalist if isinstance(datalist, (str, os.PathLike)) else ''} has no "
+                         f"'{split}' scans (splits: {sorted(splits)}).")
+    out = {split: attach_pseudo_masks(splits[split], pseudo_dir, key="seg")}
+    if datalist_file is not None:
+        write_datalist(datalist_file, out)
+    return out
 
 
 def prepare_splits(
