@@ -9,6 +9,7 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 from monai.data import Dataset
 
@@ -21,6 +22,7 @@ from monai_wsss.data import (
     split_cases,
     write_datalist,
 )
+from monai_wsss.utils.atomic_files import atomic_write
 
 __all__ = ["attach_pseudo_masks", "load_slice_labels", "prepare_splits", "pseudo_mask_datalist", "select_slices"]
 
@@ -93,6 +95,8 @@ def pseudo_mask_datalist(
     pseudo_dir: str | os.PathLike,
     datalist_file: str | os.PathLike | None = None,
     split: str = "validation",
+    task: str | TaskPreset = "brats",
+    reference_dir: str | os.PathLike | None = None,
 ) -> dict[str, list[dict]]:
     """
     A datalist of one split whose ``seg`` is each scan's pseudo-mask, so that a bundle's ``evaluate.json`` scores
@@ -100,29 +104,52 @@ def pseudo_mask_datalist(
     choosing inference settings that, unlike slice AUROC or Dice on the labelled slices, also charges a mask on a
     slice labelled 0 (its pseudo-mask is empty, as the second stage's training target).
 
+    The pseudo-masks are 0 / 1. A task whose target is not "every non-zero value" (CHAOS kidney: values 2 and 3;
+    1 is the liver) reads ``seg`` through its ``target_labels``, so for such a task the masks are first written, with
+    the target as its first target label, into ``reference_dir``.
+
     Args:
         datalist: a datalist JSON file (e.g. from :py:func:`prepare_splits`) or its splits.
         pseudo_dir: the folder of ``<case>_pseudo.nii.gz`` (``train.json``'s ``outputs/pseudo_masks/<task>_<digest>``;
             ``--run_id pseudo_val_items`` writes the validation ones alone).
         datalist_file: optional JSON file to write the result to (atomically).
         split: the split to keep; its pixel masks, if any, are replaced and never read.
+        task: the task name or preset, for its mask label convention.
+        reference_dir: where relabelled references go (default: ``pseudo_references`` beside ``datalist_file``);
+            only used for tasks with ``target_labels``.
 
     Returns:
-        ``{split: [...]}`` of items whose ``seg`` is the pseudo-mask path.
+        ``{split: [...]}`` of items whose ``seg`` is the reference path.
 
     Raises:
-        ValueError: ``split`` missing or empty in ``datalist``, or a case without its pseudo-mask file.
+        ValueError: ``split`` missing or empty in ``datalist``, a case without its pseudo-mask file, or a task that
+            needs relabelled references with neither ``reference_dir`` nor ``datalist_file``.
 
     Example::
 
         >>> pseudo_mask_datalist("datalist.json", "pm/outputs/pseudo_masks/brats_a713ce1ff87d", "val_pseudo.json")  # doctest: +SKIP
         # then: monai.bundle run ... evaluate.json --dataset_dir val_pseudo.json --datalist_split validation
     """
+    preset = get_task(task)
     splits = load_datalist(datalist) if isinstance(datalist, (str, os.PathLike)) else datalist
     if not splits.get(split):
         raise ValueError(f"datalist {datalist if isinstance(datalist, (str, os.PathLike)) else ''} has no "
                          f"'{split}' scans (splits: {sorted(splits)}).")
-    out = {split: attach_pseudo_masks(splits[split], pseudo_dir, key="seg")}
+    items = attach_pseudo_masks(splits[split], pseudo_dir, key="seg")
+    if preset.target_labels is not None:
+        if reference_dir is None and datalist_file is None:
+            raise ValueError(f"task '{preset.name}' reads masks through target_labels {preset.target_labels}: "
+                             "pass reference_dir (or datalist_file) for the relabelled pseudo-masks.")
+        folder = Path(reference_dir) if reference_dir is not None else Path(datalist_file).parent / "pseudo_references"
+        target = preset.target_labels[0]
+        for item in items:
+            source = nib.load(item["seg"])
+            mask = np.asarray(source.dataobj) > 0
+            path = folder / Path(item["seg"]).name
+            with atomic_write(path) as tmp:
+                nib.save(nib.Nifti1Image((mask * target).astype(np.uint8), source.affine, source.header), tmp)
+            item["seg"] = str(path)
+    out = {split: items}
     if datalist_file is not None:
         write_datalist(datalist_file, out)
     return out
