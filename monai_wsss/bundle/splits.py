@@ -133,8 +133,8 @@ def pseudo_mask_datalist(
     preset = get_task(task)
     splits = load_datalist(datalist) if isinstance(datalist, (str, os.PathLike)) else datalist
     if not splits.get(split):
-        raise ValueError(f"datalist {datalist if isinstance(datalist, (str, os.PathLike)) else ''} has no "
-                         f"'{split}' scans (splits: {sorted(splits)}).")
+        source = f"datalist {datalist}" if isinstance(datalist, (str, os.PathLike)) else "the datalist"
+        raise ValueError(f"{source} has no '{split}' scans (splits: {sorted(splits)}).")
     items = attach_pseudo_masks(splits[split], pseudo_dir, key="seg")
     if preset.target_labels is not None:
         if reference_dir is None and datalist_file is None:
