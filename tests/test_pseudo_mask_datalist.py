@@ -53,3 +53,4 @@ def test_chaos_references_carry_the_kidney_label_evaluation_maps_to_the_target(t
     mapped = MapTargetLabels(preset.target_labels, preset.allowed_labels)(ref[None])
     assert np.array_equal(np.asarray(mapped)[0] > 0, mask > 0)  # the 0/1 pseudo-mask (1 = liver there) stays the target
     assert (tmp_path / "refs" / "7_pseudo.nii.gz").is_file() and not list((tmp_path / "refs").glob(".tmp-*"))
+    assert np.allclose(nib.load(out["validation"][0]["seg"]).affine, np.eye(4))  # in the pseudo-mask's space

@@ -9,7 +9,6 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 from monai.data import Dataset
 
@@ -22,7 +21,7 @@ from monai_wsss.data import (
     split_cases,
     write_datalist,
 )
-from monai_wsss.utils.atomic_files import atomic_write
+from monai_wsss.transforms.io import LoadVolumed, SaveVolumed
 
 __all__ = ["attach_pseudo_masks", "load_slice_labels", "prepare_splits", "pseudo_mask_datalist", "select_slices"]
 
@@ -141,14 +140,12 @@ def pseudo_mask_datalist(
             raise ValueError(f"task '{preset.name}' reads masks through target_labels {preset.target_labels}: "
                              "pass reference_dir (or datalist_file) for the relabelled pseudo-masks.")
         folder = Path(reference_dir) if reference_dir is not None else Path(datalist_file).parent / "pseudo_references"
-        target = preset.target_labels[0]
+        load = LoadVolumed("pseudo")
+        saver = SaveVolumed("pseudo", folder, output_dtype=np.uint8, name_key="case")  # atomic, the mask's affine
         for item in items:
-            source = nib.load(item["seg"])
-            mask = np.asarray(source.dataobj) > 0
-            path = folder / Path(item["seg"]).name
-            with atomic_write(path) as tmp:
-                nib.save(nib.Nifti1Image((mask * target).astype(np.uint8), source.affine, source.header), tmp)
-            item["seg"] = str(path)
+            mask = load({"pseudo": item["seg"]})["pseudo"]
+            saver({"pseudo": (mask > 0) * preset.target_labels[0], "case": str(item["case"])})
+            item["seg"] = str(saver.output_path({"case": str(item["case"])}, "pseudo"))
     out = {split: items}
     if datalist_file is not None:
         write_datalist(datalist_file, out)
