@@ -63,6 +63,16 @@ REPO = Path(__file__).resolve().parents[1]
 #: the two bundles of the repository, by task
 BUNDLES = {"brats": REPO / "bundles" / "brats_cdm", "chaos": REPO / "bundles" / "chaos_kidney_cdm"}
 
+
+def bundle_conditioning(task: str) -> str:
+    """How a bundle's diffusion network takes its label (``train_diffusion.json``'s ``network_def``), so tiny test
+    weights are built the way that bundle loads them."""
+    import json
+
+    network_def = json.loads((BUNDLES[task] / "configs" / "train_diffusion.json").read_text())["network_def"]
+    return network_def.get("conditioning", "add")
+
+
 TINY_UNET = dict(
     spatial_dims=2,
     in_channels=1,

@@ -17,7 +17,7 @@ import pytest
 import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
 
-from conftest import BUNDLES, REPO, TINY_UNET, perturb
+from conftest import BUNDLES, REPO, TINY_UNET, bundle_conditioning, perturb
 from forked_cli import run_module, run_ranks
 from monai_wsss.data import make_synthetic_dataset
 from monai_wsss.networks.nets import ConditionalDiffusionUNet, NoisyClassifier
@@ -42,9 +42,9 @@ FAST = {"spatial_size": [SIZE, SIZE], "noise_level": 20, "num_steps": 2, "progre
 FAST_METHOD = {"cg_diff": {"noise_level": 3}, "cfg": {"noise_level": 3}}
 
 
-def _tiny_diffusion(null_class: bool = False) -> ConditionalDiffusionUNet:
+def _tiny_diffusion(null_class: bool = False, task: str = "brats") -> ConditionalDiffusionUNet:
     torch.manual_seed(0)
-    return perturb(ConditionalDiffusionUNet(**TINY_UNET, null_class=null_class))
+    return perturb(ConditionalDiffusionUNet(**TINY_UNET, null_class=null_class, conditioning=bundle_conditioning(task)))
 
 
 def _tiny_classifier() -> NoisyClassifier:
@@ -59,7 +59,7 @@ def _tiny_classifier() -> NoisyClassifier:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     """Synthetic BraTS-layout cases, the same volumes in the CHAOS layout, and tiny weights (with and without a
-    null class) saved as the bundles' training writes them (bare state dicts)."""
+    null class; each bundle's conditioning) saved as the bundles' training writes them (bare state dicts)."""
     root = tmp_path_factory.mktemp("infer")
     items = make_synthetic_dataset(root / "brats", num_cases=3, shape=(40, 36, 12), seed=0)
     chaos = root / "chaos"
@@ -73,6 +73,7 @@ def env(tmp_path_factory):
     models.mkdir()
     torch.save(_tiny_diffusion().state_dict(), models / "diffusion.pt")
     torch.save(_tiny_diffusion(null_class=True).state_dict(), models / "diffusion_null.pt")
+    torch.save(_tiny_diffusion(null_class=True, task="chaos").state_dict(), models / "chaos_diffusion_null.pt")
     torch.save(_tiny_classifier().state_dict(), models / "classifier.pt")
     return {"root": root, "items": items, "brats": root / "brats", "chaos": chaos, "models": models}
 
@@ -84,7 +85,7 @@ def bundle_overrides(env, method: str, bundle: str = "brats", **overrides) -> di
 
     args: dict = {"progress": False}
     if method != DEFAULT_METHOD and method not in ("threshold", "volume_threshold"):
-        weights = env["models"] / ("diffusion_null.pt" if bundle == "chaos" else "diffusion.pt")
+        weights = env["models"] / ("chaos_diffusion_null.pt" if bundle == "chaos" else "diffusion.pt")
         args.update({"diffusion_path": str(weights), **TINY_NETS, **FAST, **FAST_METHOD.get(method, {})})
         if method in ("cg_cdm", "cg_diff"):
             args.update(classifier_path=str(env["models"] / "classifier.pt"), **TINY_CLASSIFIER)
