@@ -46,6 +46,8 @@ SPEED_SETTINGS = {
     "cgdiff_guidance": ("cgdiff_guidance", 100.0),
 }
 
+#: the bundles' diffusion U-Net size with MONAI's additive conditioning (the CHAOS bundle's; the BraTS bundle's takes the
+#: label through scale-shift GroupNorm since 0.14.0, so its weights load with ``--bundle_root``, not ``--weights``)
 UNET_DEFAULTS = dict(
     spatial_dims=2,
     in_channels=1,
@@ -62,7 +64,7 @@ UNET_DEFAULTS = dict(
 def default_networks(
     size: int = 64, weights: str | None = None, classifier_weights: str | None = None, device: str = "cpu"
 ) -> tuple[ConditionalDiffusionUNet, NoisyClassifier]:
-    """The bundles' default diffusion U-Net and noisy classifier, optionally loaded from checkpoints."""
+    """The bundles' diffusion U-Net size (:py:data:`UNET_DEFAULTS`) and noisy classifier, optionally loaded from checkpoints."""
     net = ConditionalDiffusionUNet(**UNET_DEFAULTS)
     clf = NoisyClassifier(spatial_dims=2, in_channels=1, num_classes=2, input_shape=(size, size))
     if weights:
