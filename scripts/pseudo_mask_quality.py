@@ -16,7 +16,8 @@ labelled 1 use all of them, as training does. Holes are not filled here.
 the masks.
 With ``--healthy_percentiles`` every threshold is also scored restricted to voxels brighter than that percentile of
 the volume's healthy slices (``PseudoMaskGenerator(healthy_percentile=...)``).
-With ``--diffusion_bundle`` the bundle's CG-CDM (its inference defaults, per-slice Otsu) is scored as a source too,
+With ``--diffusion_bundle`` the bundle's CG-CDM (``--diffusion_method cdm``: CDM; its inference defaults, per-slice Otsu)
+is scored as a source too,
 and every intensity rule is also scored fused with that evidence (``--fusion``, :py:func:`fuse_with_evidence`):
 ``and``, the rule kept only where the diffusion mask agrees (the map deciding inside the bright region); ``or``, the
 rule plus the diffusion mask where the voxel is at least brighter than ``--fusion_relaxed_percentile`` of the
@@ -50,6 +51,8 @@ from monai_wsss.metrics import binary_dice
 from monai_wsss.transforms.slicing import slice_foreground_fraction
 
 FUSIONS = ("and", "or")
+#: diffusion methods that can give the evidence (``--diffusion_method``)
+DIFFUSION_SOURCES = ("cg_cdm", "cdm")
 
 
 def fuse_with_evidence(rule: torch.Tensor, evidence: torch.Tensor, relaxed: torch.Tensor, kind: str) -> torch.Tensor:
@@ -85,17 +88,22 @@ def fuse_with_evidence(rule: torch.Tensor, evidence: torch.Tensor, relaxed: torc
     return rule & evidence if kind == "and" else rule | (evidence & relaxed.bool())
 
 
-def _diffusion_source(bundle: str, task: str) -> VolumeSegmentationPipeline:
-    """The bundle's CG-CDM at its inference defaults with a per-slice Otsu threshold, float32 on the CPU."""
+def _diffusion_source(bundle: str, task: str, method: str = "cg_cdm") -> VolumeSegmentationPipeline:
+    """The bundle's CG-CDM or CDM (``method``) at its inference defaults with a per-slice Otsu threshold, float32 on the
+    CPU."""
+    if method not in DIFFUSION_SOURCES:
+        raise ValueError(f"diffusion method must be one of {DIFFUSION_SOURCES}, got {method!r}.")
     cfg = ConfigParser()
-    cfg.read_config([f"{bundle}/configs/{n}" for n in ("inference.json", "inference_cg_cdm.json")])
+    cfg.read_config([f"{bundle}/configs/{n}" for n in ("inference.json", f"inference_{method}.json")])
     net = load_weights(cfg.get_parsed_content("diffusion_def"), f"{bundle}/models/diffusion.pt", "cpu")
-    clf = load_weights(cfg.get_parsed_content("classifier_def"), f"{bundle}/models/classifier.pt", "cpu")
-    inferer = build_method_inferer("cg_cdm", cfg.get_parsed_content("scheduler"), net, clf,
+    clf = None
+    if method == "cg_cdm":
+        clf = load_weights(cfg.get_parsed_content("classifier_def"), f"{bundle}/models/classifier.pt", "cpu")
+    inferer = build_method_inferer(method, cfg.get_parsed_content("scheduler"), net, clf,
                                    noise_level=cfg.get("noise_level"), tau=cfg.get("tau"),
-                                   guidance_scale=cfg.get("guidance_scale"), num_steps=cfg.get("num_steps"))
+                                   guidance_scale=cfg.get("guidance_scale", 0.0), num_steps=cfg.get("num_steps"))
     return VolumeSegmentationPipeline(net, inferer, task=task, roi_size=tuple(cfg.get("spatial_size")),
-                                      map_mode=default_map_mode("cg_cdm", task), threshold="otsu", sw_batch_size=8)
+                                      map_mode=default_map_mode(method, task), threshold="otsu", sw_batch_size=8)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -107,7 +115,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--healthy_percentiles", type=float, nargs="*", default=[],
                    help="also score each factor restricted by these healthy-slice percentiles")
     p.add_argument("--diffusion_bundle", default=None,
-                   help="also score this bundle's cg_cdm as a source, and every rule fused with it (--fusion)")
+                   help="also score this bundle's --diffusion_method as a source, and every rule fused with it (--fusion)")
+    p.add_argument("--diffusion_method", choices=DIFFUSION_SOURCES, default="cg_cdm",
+                   help="the diffusion method of --diffusion_bundle that gives the evidence (its inference defaults)")
     p.add_argument("--fusion", nargs="*", choices=FUSIONS, default=list(FUSIONS),
                    help="fusions of each rule with the diffusion mask scored with --diffusion_bundle (none: no fusion)")
     p.add_argument("--fusion_relaxed_percentile", type=float, default=90.0,
@@ -136,8 +146,8 @@ def main(argv: list[str] | None = None) -> dict:
     fusions = args.fusion if args.diffusion_bundle else []
     evidence: dict = {}  # case -> (diffusion pseudo-mask, its slice labels), computed once per volume
     if args.diffusion_bundle:
-        diffusion = PseudoMaskGenerator(_diffusion_source(args.diffusion_bundle, args.task), fill_holes=True,
-                                        source_name="cg_cdm")
+        diffusion = PseudoMaskGenerator(_diffusion_source(args.diffusion_bundle, args.task, args.diffusion_method),
+                                        fill_holes=True, source_name=args.diffusion_method)
         vol, per_slice = [], []
         for item in items:
             data = diffusion(item)
@@ -146,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
             vol.append(binary_dice(mask, seg))
             ms, ss = np.moveaxis(mask, diffusion.preset.slice_axis, 0), np.moveaxis(seg, diffusion.preset.slice_axis, 0)
             per_slice += [binary_dice(ms[k], ss[k]) for k in np.flatnonzero((data["slice_label"] == 1).numpy())]
-        print(f"| cg_cdm | {float(np.nanmean(vol)):.3f} | {float(np.nanmean(per_slice)):.3f} |", flush=True)
+        print(f"| {args.diffusion_method} | {float(np.nanmean(vol)):.3f} | {float(np.nanmean(per_slice)):.3f} |", flush=True)
     out = {}
     for name, (source, healthy) in sources.items():
         gen = PseudoMaskGenerator(source, fill_holes=True, source_name=f"{name[0]}", healthy_percentile=healthy)
@@ -172,14 +182,14 @@ def main(argv: list[str] | None = None) -> dict:
         for kind in kinds:
             key = (*name, kind)
             out[key] = (float(np.nanmean(vol[kind])), float(np.nanmean(per_slice[kind])))
-            print(f"| {_rule_name(key)} | {out[key][0]:.3f} | {out[key][1]:.3f} |", flush=True)
+            print(f"| {_rule_name(key, args.diffusion_method)} | {out[key][0]:.3f} | {out[key][1]:.3f} |", flush=True)
     return out
 
 
-def _rule_name(key: tuple) -> str:
+def _rule_name(key: tuple, method: str = "cg_cdm") -> str:
     factor, healthy, fusion = key
     name = f"{factor}" if healthy is None else f"{factor}, healthy {healthy}"
-    return name if fusion is None else f"{name}, {fusion} CG-CDM"
+    return name if fusion is None else f"{name}, {fusion} {method}"
 
 
 def _relaxed(gen: PseudoMaskGenerator, image: torch.Tensor, values: torch.Tensor, percentile: float, case: str,
@@ -201,7 +211,7 @@ def _label_criterion(args) -> dict:
     fusions = args.fusion if args.diffusion_bundle else []
     evidence: dict = {}  # case -> the diffusion mask (n_slices, ...), computed once per volume
     if fusions:
-        diffusion = _diffusion_source(args.diffusion_bundle, args.task)
+        diffusion = _diffusion_source(args.diffusion_bundle, args.task, args.diffusion_method)
         for item in items:
             data = diffusion.segment(item, source_space=False)
             evidence[str(data["case"])] = (torch.as_tensor(data["mask"]) > 0)[0].movedim(diffusion.preset.slice_axis, 0)
@@ -287,10 +297,10 @@ def _label_criterion(args) -> dict:
         f1 = 2 * tp / max(tp + n_pos + fp, 1)
         out[key] = (float(np.nanmean(list(dice.values()))), f1)
         per_volume = " / ".join(f"{dice[c]:.3f}" if c in dice else "-" for c in cases)
-        print(f"| {_rule_name(key)} | {out[key][0]:.3f} | {f1:.3f} | {tp}/{n_pos} | {fp}/{n_neg} | {per_volume} |",
+        print(f"| {_rule_name(key, args.diffusion_method)} | {out[key][0]:.3f} | {f1:.3f} | {tp}/{n_pos} | {fp}/{n_neg} | {per_volume} |",
               flush=True)
     best = max(out, key=lambda k: out[k][0])
-    print(f"best estimated volume Dice: {_rule_name(best)}")
+    print(f"best estimated volume Dice: {_rule_name(best, args.diffusion_method)}")
     return out
 
 

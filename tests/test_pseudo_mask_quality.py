@@ -45,8 +45,8 @@ def test_script_scores_fused_rules_with_the_evidence_computed_once_per_volume(tm
     script = _script()
     built = []
 
-    def stricter_rule(bundle, task):
-        built.append(bundle)
+    def stricter_rule(bundle, task, method):
+        built.append((bundle, method))
         return VolumeSegmentationPipeline(None, build_method_inferer("volume_threshold"), task=task, map_mode=None,
                                           threshold=0.7)
 
@@ -61,7 +61,7 @@ def test_script_scores_fused_rules_with_the_evidence_computed_once_per_volume(tm
               "--diffusion_bundle", "B"]
 
     by_labels = script.main([*common, "--labels", str(labels)])
-    assert built == ["B"]
+    assert built == [("B", "cg_cdm")]
     assert by_labels[(0.5, None, "and")] == pytest.approx(by_labels[(0.7, None, None)])
     assert by_labels[(0.5, None, "or")] == pytest.approx(by_labels[(0.5, None, None)])
     assert by_labels[(0.9, None, "and")] == pytest.approx(by_labels[(0.9, None, None)])
@@ -81,3 +81,12 @@ def test_script_scores_fused_rules_with_the_evidence_computed_once_per_volume(tm
     assert no_fusion.keys() == {(f, None, None) for f in (0.5, 0.7, 0.9)}
     with pytest.raises(SystemExit):
         script.main([*common, "--labels", str(labels), "--fusion_relaxed_percentile", "100"])
+    # the evidence can come from CDM instead of CG-CDM; the method reaches the source and names the fused rows
+    assert script.main([*common, "--labels", str(labels), "--diffusion_method", "cdm"]) == by_labels
+    assert built[-1] == ("B", "cdm")
+    assert script._rule_name((0.5, None, "and"), "cdm") == "0.5, and cdm"
+
+
+def test_diffusion_source_refuses_a_method_that_gives_no_evidence():
+    with pytest.raises(ValueError, match="diffusion method must be one of"):
+        _script()._diffusion_source("bundles/brats_cdm", "brats", "cg_diff")
