@@ -17,7 +17,7 @@ import pytest
 import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
 
-from conftest import BUNDLES, REPO, TINY_UNET, bundle_conditioning, perturb
+from conftest import BUNDLES, REPO, TINY_UNET, bundle_conditioning, perturb, tiny_unet
 from forked_cli import run_module, run_ranks
 from monai_wsss.data import make_synthetic_dataset
 from monai_wsss.networks.nets import ConditionalDiffusionUNet, NoisyClassifier
@@ -43,8 +43,7 @@ FAST_METHOD = {"cg_diff": {"noise_level": 3}, "cfg": {"noise_level": 3}}
 
 
 def _tiny_diffusion(null_class: bool = False, task: str = "brats") -> ConditionalDiffusionUNet:
-    torch.manual_seed(0)
-    return perturb(ConditionalDiffusionUNet(**TINY_UNET, null_class=null_class, conditioning=bundle_conditioning(task)))
+    return tiny_unet(null_class=null_class, conditioning=bundle_conditioning(task))
 
 
 def _tiny_classifier() -> NoisyClassifier:
